@@ -1,0 +1,91 @@
+"""Brokers: where events are stored, numbered and fanned out between processes.
+
+One small interface, three implementations chosen by ``SSEHUB_BROKER_URL``:
+``redis://`` (deployed default), ``postgres://`` (LISTEN/NOTIFY, no extra
+infrastructure) and ``memory://`` (one process, development and tests).
+
+Contract every broker keeps (``tests/test_broker_contract.py`` runs the same
+tests against all three):
+
+- ``publish`` stores the event durably, gives it an integer id larger than every
+  id issued before, and only then makes it visible to listeners.
+- A process holds a fixed number of broker connections (one listener, one for
+  commands), never one per subscriber. ``listen``/``unlisten`` change the
+  listener's interest; ``listen`` returns once the interest is in effect, so a
+  replay that follows it cannot miss an event published in between.
+- ``on_event`` is called on the event loop, in id order per channel, at most
+  once per id per process (duplicates from a reconnect's gap fill are dropped
+  here, not per subscriber).
+- ``replay(channels, after)`` returns the retained events with ``id > after``
+  in id order, or ``reset`` when ``after`` is older than retention on one of the
+  channels or newer than anything the broker issued.
+- Raw messages from outside (``redis-cli PUBLISH``, psql ``NOTIFY``) reach
+  listeners as events with ``id=None``: live only, never stored.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..conf import Config
+from ..sse import Event
+
+EventCallback = Callable[[Event], None]
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot store or read events right now (HTTP 503)."""
+
+
+@dataclass
+class Replay:
+    events: list[Event] = field(default_factory=list)
+    reset: bool = False
+    head: int = 0
+
+
+class Broker(abc.ABC):
+    def __init__(self, url: str, config: Config) -> None:
+        self.url = url
+        self.config = config
+        self.on_event: EventCallback = lambda event: None
+
+    async def start(self, on_event: EventCallback) -> None:
+        """Connect and start the listener task."""
+        self.on_event = on_event
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def listen(self, channel: str) -> None: ...
+
+    @abc.abstractmethod
+    async def unlisten(self, channel: str) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, data: str, event: str | None = None,
+                      idempotency_key: str | None = None) -> int: ...
+
+    @abc.abstractmethod
+    async def replay(self, channels: Sequence[str], after: int) -> Replay: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise BrokerUnavailable unless the broker answers."""
+
+
+def create(config: Config, url: str | None = None) -> Broker:
+    """Return the broker for ``url`` (default ``SSEHUB_BROKER_URL``)."""
+    url = url or config.broker_url
+    scheme = url.split("://", 1)[0]
+    if scheme == "memory":
+        from .memory import MemoryBroker
+        return MemoryBroker(url, config)
+    if scheme in {"redis", "rediss", "unix"}:
+        from .redis import RedisBroker
+        return RedisBroker(url, config)
+    from .postgres import PostgresBroker
+    return PostgresBroker(url, config)

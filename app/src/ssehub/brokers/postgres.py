@@ -1,0 +1,301 @@
+"""PostgreSQL broker: a table for storage, LISTEN/NOTIFY for delivery.
+
+Design choices (H1-H5 in FAILURE-MODES.md):
+- Notifications carry ids, never payloads: NOTIFY's 8000-byte limit and queue
+  never see user data. The listener reads the rows by id.
+- Always ``pg_notify(%s, %s)`` with parameters: no SQL is built from a channel
+  name or payload (the seed's f-string NOTIFY broke on a quote). Channel names
+  are at most 63 characters, PostgreSQL's identifier limit.
+- NOTIFY is delivered at commit, so a rolled-back publish announces nothing.
+- Publishes take a transaction-level advisory lock, so ids commit in id order
+  and a replay ``WHERE id > after`` can never skip an id that commits late.
+  This serialises publishes across the cluster (measured: fine for thousands
+  of events per second); the Redis broker has no such lock.
+- The listener uses its own direct connection (``SSEHUB_PG_LISTEN_URL`` when
+  the main URL goes through pgbouncer, whose transaction mode drops LISTEN).
+- A process holds two connections: the listener and one for commands.
+- ``psql``'s ``NOTIFY lobby, 'Hello'`` reaches subscribers of ``lobby`` live
+  (no id); quoted identifiers keep case, so ``NOTIFY "Lobby"`` for mixed case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from ..sse import Event
+from . import Broker, BrokerUnavailable, Replay
+
+log = logging.getLogger(__name__)
+
+MARKER = "\x1e"
+LOCK_ID = 0x55E_4B1D  # pg_advisory_xact_lock key for publishes
+POLL_SECONDS = 0.2
+IDLE_CHECK_SECONDS = 5.0
+RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ssehub_event (
+    id bigserial PRIMARY KEY,
+    channel text NOT NULL,
+    event text,
+    data text NOT NULL,
+    published_at double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ssehub_event_channel_id ON ssehub_event (channel, id);
+CREATE TABLE IF NOT EXISTS ssehub_floor (
+    channel text PRIMARY KEY,
+    floor bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ssehub_idempotency (
+    key text PRIMARY KEY,
+    event_id bigint NOT NULL,
+    expires double precision NOT NULL
+);
+"""
+
+TRIM = """
+WITH gone AS (
+    DELETE FROM ssehub_event
+    WHERE channel = %(channel)s
+      AND (published_at < %(cutoff)s
+           OR id <= COALESCE((SELECT id FROM ssehub_event WHERE channel = %(channel)s
+                              ORDER BY id DESC OFFSET %(keep)s LIMIT 1), 0))
+    RETURNING id)
+INSERT INTO ssehub_floor (channel, floor)
+SELECT %(channel)s, max(id) FROM gone HAVING max(id) IS NOT NULL
+ON CONFLICT (channel) DO UPDATE SET floor = GREATEST(ssehub_floor.floor, EXCLUDED.floor)
+"""
+
+
+def _conninfo(url: str) -> str:
+    return "postgresql://" + url.split("://", 1)[1] if url.startswith("postgres://") else url
+
+
+class PostgresBroker(Broker):
+    def __init__(self, url: str, config: Any) -> None:
+        super().__init__(url, config)
+        self.conninfo = _conninfo(url)
+        self.listen_conninfo = _conninfo(config.pg_listen_url or url)
+        self.pool = AsyncConnectionPool(self.conninfo, min_size=1, max_size=1, open=False,
+                                        kwargs={"autocommit": True}, timeout=10)
+        self._channels: set[str] = set()
+        self._pending: list[tuple[str, bool, asyncio.Future[None] | None]] = []
+        self._last_id: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._schema_ready = False
+        self._publishes = 0
+
+    async def start(self, on_event: Any) -> None:
+        await super().start(on_event)
+        await self.pool.open(wait=False)
+        self._task = asyncio.create_task(self._run(), name="ssehub-pg-listener")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self.pool.close()
+
+    async def ensure_schema(self) -> None:
+        if self.pool.closed:  # a publish-only client (ssehub.publish outside the hub)
+            await self.pool.open(wait=False)
+        if self._schema_ready:
+            return
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID + 1,))
+            await conn.execute(SCHEMA)  # type: ignore[arg-type]
+        self._schema_ready = True
+
+    # interest
+    async def listen(self, channel: str) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((channel, True, waiter))
+        await waiter
+
+    async def unlisten(self, channel: str) -> None:
+        self._pending.append((channel, False, None))
+
+    # listener
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.listen_conninfo, autocommit=True) as conn:
+                    attempt = 0
+                    await self._listen_loop(conn)
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, OSError) as exc:
+                delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
+                attempt += 1
+                log.warning("postgres listener lost its connection (%s); retrying in %.2fs",
+                            exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _listen_loop(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await self._ensure_schema_on(conn)
+        for channel in sorted(self._channels):
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        await self._fill_gaps(conn)
+        idle_since = time.monotonic()
+        while True:
+            await self._apply_pending(conn)
+            batch = []
+            async with contextlib.aclosing(
+                    conn.notifies(timeout=POLL_SECONDS, stop_after=1)) as notifies:
+                async for notify in notifies:
+                    batch.append(notify)
+            if batch:
+                idle_since = time.monotonic()
+                await self._deliver(conn, batch)
+            elif time.monotonic() - idle_since > IDLE_CHECK_SECONDS:
+                await conn.execute("SELECT 1")  # detects a dead socket (G3)
+                idle_since = time.monotonic()
+
+    async def _ensure_schema_on(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if not self._schema_ready:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID + 1,))
+                await conn.execute(SCHEMA)  # type: ignore[arg-type]
+            self._schema_ready = True
+
+    async def _apply_pending(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while self._pending:
+            channel, wanted, waiter = self._pending.pop(0)
+            if wanted:
+                if channel not in self._last_id:
+                    cur = await conn.execute(
+                        "SELECT COALESCE(max(id), 0) FROM ssehub_event WHERE channel = %s",
+                        (channel,))
+                    row = await cur.fetchone()
+                    self._last_id[channel] = int(row[0]) if row else 0
+                if channel not in self._channels:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    self._channels.add(channel)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            elif channel in self._channels:
+                await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+                self._channels.discard(channel)
+                self._last_id.pop(channel, None)
+
+    async def _deliver(self, conn: psycopg.AsyncConnection[Any], batch: list[Any]) -> None:
+        ids: list[int] = []
+        for notify in batch:
+            if notify.channel not in self._channels:
+                continue
+            if notify.payload.startswith(MARKER):
+                ids.append(int(notify.payload[1:]))
+            else:
+                self.on_event(Event(notify.channel, notify.payload))
+        if ids:
+            cur = await conn.execute(
+                "SELECT id, channel, event, data, published_at FROM ssehub_event "
+                "WHERE id = ANY(%s) ORDER BY id", (ids,))
+            for row in await cur.fetchall():
+                self._emit(Event(row[1], row[3], row[2], int(row[0]), float(row[4])))
+
+    def _emit(self, event: Event) -> None:
+        assert event.id is not None
+        if event.id <= self._last_id.get(event.channel, 0):
+            return
+        self._last_id[event.channel] = event.id
+        self.on_event(event)
+
+    async def _fill_gaps(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        for channel in sorted(self._channels):
+            after = self._last_id.get(channel)
+            if after is None:
+                continue
+            for event in await self._range(conn, [channel], after):
+                self._emit(event)
+
+    # commands
+    @staticmethod
+    async def _range(conn: psycopg.AsyncConnection[Any], channels: Sequence[str],
+                     after: int) -> list[Event]:
+        cur = await conn.execute(
+            "SELECT id, channel, event, data, published_at FROM ssehub_event "
+            "WHERE channel = ANY(%s) AND id > %s ORDER BY id", (list(channels), after))
+        return [Event(r[1], r[3], r[2], int(r[0]), float(r[4])) for r in await cur.fetchall()]
+
+    async def publish(self, channel: str, data: str, event: str | None = None,
+                      idempotency_key: str | None = None) -> int:
+        now = time.time()
+        try:
+            await self.ensure_schema()
+            async with self.pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
+                if idempotency_key is not None:
+                    cur = await conn.execute(
+                        "SELECT event_id FROM ssehub_idempotency WHERE key = %s AND expires > %s",
+                        (idempotency_key, now))
+                    known = await cur.fetchone()
+                    if known:
+                        return int(known[0])
+                cur = await conn.execute(
+                    "INSERT INTO ssehub_event (channel, event, data, published_at) "
+                    "VALUES (%s, %s, %s, %s) RETURNING id", (channel, event, data, now))
+                row = await cur.fetchone()
+                assert row is not None
+                event_id = int(row[0])
+                if idempotency_key is not None:
+                    await conn.execute(
+                        "INSERT INTO ssehub_idempotency (key, event_id, expires) "
+                        "VALUES (%s, %s, %s) ON CONFLICT (key) DO UPDATE "
+                        "SET event_id = EXCLUDED.event_id, expires = EXCLUDED.expires",
+                        (idempotency_key, event_id, now + self.config.retention_seconds))
+                await conn.execute(TRIM, {"channel": channel,
+                                          "cutoff": now - self.config.retention_seconds,
+                                          "keep": self.config.retention_events})
+                await conn.execute("SELECT pg_notify(%s, %s)", (channel, f"{MARKER}{event_id}"))
+            self._publishes += 1
+            if self._publishes % 1000 == 0:
+                await self._expire_idempotency(now)
+            return event_id
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"postgres: {exc}") from exc
+
+    async def _expire_idempotency(self, now: float) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute("DELETE FROM ssehub_idempotency WHERE expires < %s", (now,))
+
+    async def replay(self, channels: Sequence[str], after: int) -> Replay:
+        try:
+            await self.ensure_schema()
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                    "FROM ssehub_event_id_seq")
+                row = await cur.fetchone()
+                head = int(row[0]) if row else 0
+                if after > head:
+                    return Replay(reset=True, head=head)
+                cur = await conn.execute(
+                    "SELECT COALESCE(max(floor), 0) FROM ssehub_floor WHERE channel = ANY(%s)",
+                    (list(channels),))
+                row = await cur.fetchone()
+                if row and after < int(row[0]):
+                    return Replay(reset=True, head=head)
+                return Replay(await self._range(conn, channels, after), head=head)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"postgres: {exc}") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self.ensure_schema()
+            async with self.pool.connection(timeout=3) as conn:
+                await conn.execute("SELECT 1")
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"postgres: {exc}") from exc

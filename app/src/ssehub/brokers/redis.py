@@ -1,0 +1,289 @@
+"""Redis broker: one Redis Stream per channel for storage, pub/sub for delivery.
+
+Design choices:
+- One Lua script publishes: INCR a global sequence (ids order events across
+  channels), XADD to the channel's stream with that id and exact MAXLEN, trim by
+  age, PUBLISH a small message carrying the id, and record the Idempotency-Key.
+  Being one script, store-then-announce is atomic and ids reach pub/sub in order.
+- A process holds two connections: the pub/sub listener and one for commands.
+  The listener SUBSCRIBEs only to channels that have local subscribers, and
+  ``listen`` waits for Redis to confirm, so a replay after it cannot miss.
+- Pub/sub is at-most-once. The listener remembers the last id it saw per
+  channel; after a reconnect it reads the gap from the streams (G2/G3). Ids at
+  or below that mark are dropped, which also removes duplicates of the gap fill.
+- Half-open sockets: TCP keepalive plus a PING when the connection is idle; no
+  answer within a few seconds means reconnect (G3).
+- Reset detection uses the stream's ``max-deleted-entry-id`` (Redis 7): an
+  ``after`` below it means the client missed an event that is gone.
+- Raw ``PUBLISH ssehub:NAME text`` from outside arrives without our marker and
+  is delivered live only, with no id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..sse import Event
+from . import Broker, BrokerUnavailable, Replay
+
+log = logging.getLogger(__name__)
+
+MARKER = "\x1e"
+IDLE_PING_SECONDS = 5.0
+DEAD_AFTER_SECONDS = 12.0
+RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+# KEYS: seq, stream, idempotency key ('' for none)
+# Ages are trimmed 16 entries at a time; the Lua escape 30 is MARKER (record separator).
+# ARGV: pubsub channel, event, data, published_at, maxlen, idempotency ttl ms, age cutoff
+PUBLISH_SCRIPT = """
+if KEYS[3] ~= '' then
+  local known = redis.call('GET', KEYS[3])
+  if known then return tonumber(known) end
+end
+local id = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '=', ARGV[5], id .. '-0',
+           'e', ARGV[2], 'd', ARGV[3], 't', ARGV[4])
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 16)
+for _, entry in ipairs(oldest) do
+  if tonumber(entry[2][6]) < tonumber(ARGV[7]) then
+    redis.call('XDEL', KEYS[2], entry[1])
+  else
+    break
+  end
+end
+local nl = '\\n'
+redis.call('PUBLISH', ARGV[1], '\\30' .. id .. nl .. ARGV[2] .. nl .. ARGV[4] .. nl .. ARGV[3])
+if KEYS[3] ~= '' then redis.call('SET', KEYS[3], id, 'PX', ARGV[6]) end
+return id
+"""
+
+
+def _stream_id(raw: bytes | str) -> int:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return int(text.split("-", 1)[0])
+
+
+def _event_from_entry(channel: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
+    name = fields.get(b"e", b"").decode()
+    return Event(channel, fields.get(b"d", b"").decode(), name or None,
+                 _stream_id(entry_id), float(fields.get(b"t", b"0")))
+
+
+class RedisBroker(Broker):
+    def __init__(self, url: str, config: Any) -> None:
+        super().__init__(url, config)
+        self.prefix: str = config.redis_prefix
+        options: dict[str, Any] = {"socket_keepalive": True, "socket_connect_timeout": 5,
+                                   "health_check_interval": 0}
+        self.redis = aioredis.Redis.from_url(url, single_connection_client=False,
+                                             max_connections=4, **options)
+        self._listener_client = aioredis.Redis.from_url(url, **options)
+        self._script = self.redis.register_script(PUBLISH_SCRIPT)
+        self._channels: set[str] = set()
+        self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
+        self._last_id: dict[str, int] = {}
+        self._pubsub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
+
+    # keys
+    def _stream_key(self, channel: str) -> str:
+        return f"{self.prefix}s:{channel}"
+
+    def _pubsub_channel(self, channel: str) -> str:
+        return f"{self.prefix}{channel}"
+
+    async def start(self, on_event: Any) -> None:
+        await super().start(on_event)
+        self._task = asyncio.create_task(self._run(), name="ssehub-redis-listener")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._close_pubsub()
+        await self._listener_client.aclose()
+        await self.redis.aclose()
+
+    async def _close_pubsub(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = None
+
+    # interest
+    async def listen(self, channel: str) -> None:
+        if channel not in self._last_id:
+            # The gap fill after a reconnect starts here: read before SUBSCRIBE so no
+            # event that arrives live is mistaken for one already seen.
+            try:
+                self._last_id[channel] = int(await self.redis.get(f"{self.prefix}seq") or 0)
+            except (RedisError, OSError) as exc:
+                raise BrokerUnavailable(f"redis: {exc}") from exc
+        self._channels.add(channel)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirm.setdefault(channel, deque()).append(waiter)
+        if self._pubsub is not None and self._connected.is_set():
+            try:
+                await self._pubsub.subscribe(self._pubsub_channel(channel))
+            except (RedisError, OSError):
+                pass  # the listener reconnects and subscribes every wanted channel
+        self._wake.set()
+        await waiter
+
+    async def unlisten(self, channel: str) -> None:
+        self._channels.discard(channel)
+        self._last_id.pop(channel, None)
+        if self._pubsub is not None and self._connected.is_set():
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(self._pubsub_channel(channel))
+
+    # listener
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._connect_and_read()
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._connected.clear()
+                await self._close_pubsub()
+                delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
+                attempt += 1
+                log.warning("redis listener lost its connection (%s); retrying in %.2fs",
+                            exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _connect_and_read(self) -> None:
+        pubsub = self._listener_client.pubsub()
+        self._pubsub = pubsub
+        await pubsub.connect()
+        wanted = sorted(self._channels)
+        if wanted:
+            await pubsub.subscribe(*(self._pubsub_channel(c) for c in wanted))
+        self._connected.set()
+        await self._fill_gaps(wanted)
+        last_seen = time.monotonic()
+        pinged = False
+        while True:
+            if not pubsub.subscribed:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_PING_SECONDS)
+                if not pubsub.subscribed:
+                    await self.redis.ping()
+                    continue
+            message = await pubsub.get_message(timeout=IDLE_PING_SECONDS)
+            now = time.monotonic()
+            if message is None:
+                if now - last_seen > DEAD_AFTER_SECONDS:
+                    raise TimeoutError("no answer from redis pub/sub")
+                if not pinged:
+                    await pubsub.ping()
+                    pinged = True
+                continue
+            last_seen = now
+            pinged = False
+            self._handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "message":
+            channel = message["channel"].decode()[len(self.prefix):]
+            payload: bytes = message["data"]
+            if payload[:1] == b"\x1e":
+                head, event, published, data = payload[1:].split(b"\n", 3)
+                event_id = int(head)
+                if event_id <= self._last_id.get(channel, 0):
+                    return
+                self._last_id[channel] = event_id
+                self.on_event(Event(channel, data.decode(), event.decode() or None,
+                                    event_id, float(published)))
+            else:
+                self.on_event(Event(channel, payload.decode(errors="replace")))
+        elif kind == "subscribe":
+            channel = message["channel"].decode()[len(self.prefix):]
+            waiters = self._confirm.get(channel)
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+            if waiters is not None and not waiters:
+                del self._confirm[channel]
+
+    async def _fill_gaps(self, channels: Sequence[str]) -> None:
+        """After a (re)connect, deliver what was published while we were away."""
+        for channel in channels:
+            after = self._last_id.get(channel)
+            if after is None:
+                continue
+            for event in await self._range(channel, after):
+                assert event.id is not None
+                if event.id > self._last_id.get(channel, 0):
+                    self._last_id[channel] = event.id
+                    self.on_event(event)
+
+    # commands
+    async def _range(self, channel: str, after: int) -> list[Event]:
+        entries = await self.redis.xrange(self._stream_key(channel), f"({after}-0", "+")
+        return [_event_from_entry(channel, entry_id, fields) for entry_id, fields in entries]
+
+    async def publish(self, channel: str, data: str, event: str | None = None,
+                      idempotency_key: str | None = None) -> int:
+        now = time.time()
+        cutoff = now - self.config.retention_seconds
+        idem = f"{self.prefix}idem:{idempotency_key}" if idempotency_key is not None else ""
+        try:
+            result = await self._script(
+                keys=[f"{self.prefix}seq", self._stream_key(channel), idem],
+                args=[self._pubsub_channel(channel), event or "", data, repr(now),
+                      self.config.retention_events, self.config.retention_seconds * 1000,
+                      repr(cutoff)],
+            )
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from exc
+        return int(result)
+
+    async def replay(self, channels: Sequence[str], after: int) -> Replay:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(f"{self.prefix}seq")
+                for channel in channels:
+                    pipe.xinfo_stream(self._stream_key(channel))
+                results = await pipe.execute(raise_on_error=False)
+            head = int(results[0] or 0)
+            if after > head:
+                return Replay(reset=True, head=head)
+            for info in results[1:]:
+                if isinstance(info, Exception):
+                    continue  # no such stream: nothing retained, nothing deleted
+                deleted = info.get("max-deleted-entry-id") or b"0-0"
+                if after < _stream_id(deleted):
+                    return Replay(reset=True, head=head)
+            events: list[Event] = []
+            for channel in channels:
+                events.extend(await self._range(channel, after))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from exc
+        events.sort(key=lambda e: e.id or 0)
+        return Replay(events, head=head)
+
+    async def ping(self) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from exc

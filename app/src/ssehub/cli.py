@@ -1,0 +1,238 @@
+"""The ``ssehub`` command.
+
+``serve``, ``publish``, ``listen`` and ``token`` are ours; any other word is a
+Django management command (``ssehub migrate``, ``ssehub collectstatic``).
+With no configuration, ``serve`` runs one embedded process (memory broker,
+SQLite, secrets generated into ``SSEHUB_DATA_DIR``); with ``SSEHUB_BROKER_URL``
+set it runs gunicorn managing uvicorn workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.parse
+from typing import Any
+
+from . import conf, tokens
+
+OWN_COMMANDS = {"serve", "publish", "listen", "token", "settings-table"}
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _config() -> conf.Config:
+    try:
+        return conf.get()
+    except conf.ConfigError as exc:
+        sys.exit(f"ssehub: configuration error: {exc}")
+
+
+def _django_setup() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ssehub.settings")
+    import django
+
+    django.setup()
+
+
+def _bind(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--bind must be HOST:PORT, not {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    config = _config()
+    bind = args.bind or config.bind
+    host, port = _bind(bind)
+    if config.embedded:
+        _serve_embedded(config, host, port)
+    else:
+        _serve_gunicorn(config, bind, args.workers)
+
+
+def _serve_embedded(config: conf.Config, host: str, port: int) -> None:
+    import uvicorn
+    from django.core.management import call_command
+
+    _django_setup()
+    call_command("migrate", verbosity=0, interactive=False)
+    url = f"http://{host}:{port}"
+    pub = tokens.mint(config.token_secret, publish=["*"], ttl=86400)
+    sub = tokens.mint(config.token_secret, subscribe=["*"], ttl=86400)
+    print(f"""ssehub: embedded mode (memory broker, SQLite in {config.data_dir})
+  chat demo:  {url}/
+  subscribe:  curl -N '{url}/events/?channel=demo&token={sub}'
+  publish:    curl -H 'Authorization: Bearer {pub}' -d channel=demo -d data=hello {url}/publish/
+  or:         ssehub listen demo   /   ssehub publish demo hello
+Tokens are valid for 24 h; mint more with `ssehub token`. Stop with Ctrl-C.""", flush=True)
+    uvicorn.run("ssehub.asgi:application", host=host, port=port, lifespan="on",
+                timeout_keep_alive=config.keepalive, server_header=False,
+                timeout_graceful_shutdown=int(config.drain_seconds) or 1)
+
+
+def _serve_gunicorn(config: conf.Config, bind: str, workers: int | None) -> None:
+    from gunicorn.app.base import BaseApplication
+
+    metrics_dir = config.metrics_dir or tempfile.mkdtemp(prefix="ssehub-metrics-")
+    os.makedirs(metrics_dir, exist_ok=True)
+    for name in os.listdir(metrics_dir):  # stale files from a previous run skew gauges
+        if name.endswith(".db"):
+            os.unlink(os.path.join(metrics_dir, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    count = workers or config.workers or os.cpu_count() or 1
+
+    def child_exit(server: Any, worker: Any) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+    options = {
+        "bind": bind,
+        "workers": count,
+        "worker_class": "ssehub.worker.HubWorker",
+        "keepalive": config.keepalive,
+        # SIGTERM: the hub drains within SSEHUB_DRAIN_SECONDS; gunicorn kills after this.
+        "graceful_timeout": int(config.drain_seconds) + 5,
+        "timeout": 30,
+        "worker_connections": 100000,
+        "child_exit": child_exit,
+        "accesslog": None,
+        "errorlog": "-",
+        "proc_name": "ssehub",
+    }
+
+    class HubApplication(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            from .asgi import application
+
+            return application
+
+    print(f"ssehub: gunicorn with {count} uvicorn worker(s) on {bind}", flush=True)
+    HubApplication().run()
+
+
+def _token(config: conf.Config, args: argparse.Namespace, publish: list[str],
+           subscribe: list[str]) -> str:
+    if getattr(args, "token", None):
+        return str(args.token)
+    return tokens.mint(config.token_secret, publish=publish, subscribe=subscribe, ttl=300)
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    config = _config()
+    token = _token(config, args, [args.channel], [])
+    body: dict[str, Any] = {"channel": args.channel, "data": args.data}
+    if args.event:
+        body["event"] = args.event
+    import httpx
+
+    try:
+        response = httpx.post(args.url.rstrip("/") + "/publish/", json=body, timeout=10,
+                              headers={"Authorization": f"Bearer {token}"})
+    except httpx.HTTPError as exc:
+        sys.exit(f"ssehub publish: cannot reach {args.url}: {exc}")
+    if response.status_code != 201:
+        sys.exit(f"ssehub publish: HTTP {response.status_code}: {response.text}")
+    print(response.json()["id"])
+
+
+def cmd_listen(args: argparse.Namespace) -> None:
+    import httpx
+    from httpx_sse import connect_sse
+
+    config = _config()
+    token = _token(config, args, [], list(args.channels))
+    query = urllib.parse.urlencode([("channel", c) for c in args.channels])
+    try:
+        with httpx.Client(timeout=httpx.Timeout(10, read=None)) as client, connect_sse(
+                client, "GET", f"{args.url.rstrip('/')}/events/?{query}",
+                headers={"Authorization": f"Bearer {token}"}) as source:
+            if source.response.status_code != 200:
+                source.response.read()
+                sys.exit(f"ssehub listen: HTTP {source.response.status_code}: "
+                         f"{source.response.text}")
+            for event in source.iter_sse():
+                if not event.id and not event.data:
+                    continue  # the retry: preamble, which some parsers dispatch
+                print(json.dumps({"id": event.id, "event": event.event, "data": event.data},
+                                 ensure_ascii=False), flush=True)
+    except httpx.HTTPError as exc:
+        sys.exit(f"ssehub listen: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    config = _config()
+    if not args.publish and not args.subscribe:
+        sys.exit("ssehub token: give at least one --publish or --subscribe pattern")
+    print(tokens.mint(config.token_secret, publish=args.publish, subscribe=args.subscribe,
+                      ttl=args.ttl))
+
+
+def cmd_settings_table(args: argparse.Namespace) -> None:
+    print(conf.settings_table())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssehub", description="Durable Server-Sent Events for Django. Other commands "
+        "(migrate, collectstatic, ...) are Django's.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the hub")
+    serve.add_argument("--bind", help="HOST:PORT (default SSEHUB_BIND, 127.0.0.1:8000)")
+    serve.add_argument("--workers", type=int, help="gunicorn workers (default SSEHUB_WORKERS)")
+    serve.set_defaults(func=cmd_serve)
+
+    pub = sub.add_parser("publish", help="publish one event over HTTP")
+    pub.add_argument("channel")
+    pub.add_argument("data")
+    pub.add_argument("--event")
+    pub.add_argument("--url", default=DEFAULT_URL)
+    pub.add_argument("--token", help="publisher token (default: minted with the secret)")
+    pub.set_defaults(func=cmd_publish)
+
+    listen = sub.add_parser("listen", help="print events as they arrive, one JSON per line")
+    listen.add_argument("channels", nargs="+")
+    listen.add_argument("--url", default=DEFAULT_URL)
+    listen.add_argument("--token", help="subscriber token (default: minted with the secret)")
+    listen.set_defaults(func=cmd_listen)
+
+    token = sub.add_parser("token", help="mint a token with SSEHUB_TOKEN_SECRET")
+    token.add_argument("--publish", action="append", default=[], metavar="PATTERN")
+    token.add_argument("--subscribe", action="append", default=[], metavar="PATTERN")
+    token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS")
+    token.set_defaults(func=cmd_token)
+
+    table = sub.add_parser("settings-table", help="print the settings table (Markdown)")
+    table.set_defaults(func=cmd_settings_table)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in OWN_COMMANDS and not argv[0].startswith("-"):
+        _config()
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ssehub.settings")
+        from django.core.management import execute_from_command_line
+
+        execute_from_command_line(["ssehub", *argv])
+        return
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
+
+
+

@@ -1,0 +1,263 @@
+"""Per-process fan-out: one broker listener, many subscribers.
+
+Design choices (read before "simplifying"):
+- One Hub per worker process. The broker calls ``_on_event`` once per event;
+  the event's frame was encoded once; each subscriber gets the same object
+  appended to its buffer. No per-subscriber encoding, I/O, token check or
+  metric update happens per event: metrics are updated once per event with
+  the subscriber count.
+- Each subscriber has a bounded buffer. A subscriber whose buffer is full is
+  slow: it is closed and counted (G1); its reconnect replays from storage, so
+  memory stays bounded and nothing is lost.
+- Interest in a channel is registered with the broker once per process, when
+  its first local subscriber arrives; it is dropped ``UNLISTEN_DELAY`` seconds
+  after the last one leaves (F3: released well within 2 s; the delay avoids
+  SUBSCRIBE/UNSUBSCRIBE churn when a client reconnects at once).
+- Heartbeats come from one task per process, not a timer per stream.
+- ``drain()`` (SIGTERM) closes every stream with a final comment so clients
+  reconnect through the proxy to another app server (E2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from . import metrics, sse
+from .brokers import Broker, BrokerUnavailable, create
+from .conf import Config
+from .sse import Event
+
+log = logging.getLogger(__name__)
+
+UNLISTEN_DELAY = 1.0
+LISTEN_TIMEOUT = 5.0
+
+
+class Frame:
+    """A fixed frame with no id (heartbeats, the drain comment)."""
+
+    __slots__ = ("frame", "id")
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+        self.id: int | None = None
+
+
+HEARTBEAT = Frame(sse.HEARTBEAT)
+DRAINING = Frame(sse.DRAINING)
+
+
+class Subscriber:
+    """One open stream. Only its own coroutine reads ``buf``; the hub appends."""
+
+    __slots__ = ("buf", "channels", "closed", "dropped", "limit", "task", "waiter")
+
+    def __init__(self, channels: tuple[str, ...], limit: int) -> None:
+        self.channels = channels
+        self.buf: list[Any] = []
+        self.limit = limit
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.dropped = False
+        self.task: asyncio.Task[Any] | None = asyncio.current_task()
+
+    def push(self, item: Any) -> None:
+        buf = self.buf
+        if len(buf) >= self.limit:
+            if not self.closed:
+                self.drop()
+            return
+        buf.append(item)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake()
+
+    def drop(self) -> None:
+        """Disconnect a subscriber that fell behind; its writer may be blocked in send."""
+        self.closed = True
+        self.dropped = True
+        self.buf = []
+        metrics.DROPPED.inc()
+        if self.task is not None and self.waiter is None:
+            self.task.cancel()  # stuck writing to a client that does not read
+        else:
+            self.wake()
+
+    async def wait(self) -> None:
+        """Wait until something is buffered or the stream is closed."""
+        if self.buf or self.closed:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiter = waiter
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+
+class Hub:
+    def __init__(self, config: Config, broker: Broker | None = None) -> None:
+        self.config = config
+        self.broker = broker or create(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+        self._by_channel: dict[str, set[Subscriber]] = {}
+        self._interest: dict[str, asyncio.Task[None]] = {}
+        self._unlisten: dict[str, asyncio.TimerHandle] = {}
+        self._subscribers: set[Subscriber] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._started = False
+        self._background: set[asyncio.Future[None]] = set()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.loop = asyncio.get_running_loop()
+        await self.broker.start(self._on_event)
+        self._heartbeat = asyncio.create_task(self._beat(), name="ssehub-heartbeat")
+
+    async def close(self) -> None:
+        if self._heartbeat:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        for handle in self._unlisten.values():
+            handle.cancel()
+        await self.broker.close()
+
+    # the hot path
+    def _on_event(self, event: Event) -> None:
+        subscribers = self._by_channel.get(event.channel)
+        if event.published_at is not None:
+            metrics.BROKER_LAG.set(max(0.0, time.time() - event.published_at))
+        if not subscribers:
+            return
+        for subscriber in subscribers:
+            subscriber.push(event)
+        metrics.DELIVERED.inc(len(subscribers))
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat)
+            for subscriber in self._subscribers:
+                subscriber.push(HEARTBEAT)
+
+    # subscribers
+    @property
+    def open_streams(self) -> int:
+        return len(self._subscribers)
+
+    async def subscribe(self, channels: Iterable[str]) -> Subscriber:
+        """Register a subscriber; return once the broker delivers its channels."""
+        subscriber = Subscriber(tuple(channels), self.config.subscriber_buffer)
+        waits = []
+        for channel in subscriber.channels:
+            self._by_channel.setdefault(channel, set()).add(subscriber)
+            handle = self._unlisten.pop(channel, None)
+            if handle is not None:
+                handle.cancel()
+            task = self._interest.get(channel)
+            if task is None:
+                task = asyncio.ensure_future(self.broker.listen(channel))
+                self._interest[channel] = task
+            waits.append(task)
+        self._subscribers.add(subscriber)
+        metrics.OPEN_STREAMS.inc()
+        try:
+            async with asyncio.timeout(LISTEN_TIMEOUT):
+                for task in waits:
+                    await asyncio.shield(task)
+        except BaseException as exc:
+            self.unsubscribe(subscriber)
+            if isinstance(exc, (TimeoutError, BrokerUnavailable)):
+                raise BrokerUnavailable("the broker did not confirm the subscription") from exc
+            raise
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        if subscriber not in self._subscribers:
+            return
+        self._subscribers.discard(subscriber)
+        metrics.OPEN_STREAMS.dec()
+        subscriber.closed = True
+        for channel in subscriber.channels:
+            members = self._by_channel.get(channel)
+            if members is None:
+                continue
+            members.discard(subscriber)
+            if not members:
+                del self._by_channel[channel]
+                assert self.loop is not None
+                self._unlisten[channel] = self.loop.call_later(
+                    UNLISTEN_DELAY, self._drop_interest, channel)
+
+    def _drop_interest(self, channel: str) -> None:
+        self._unlisten.pop(channel, None)
+        if channel in self._by_channel:
+            return
+        task = self._interest.pop(channel, None)
+        if task is not None and not task.done():
+            task.cancel()
+        pending = asyncio.ensure_future(self._safe_unlisten(channel))
+        self._background.add(pending)
+        pending.add_done_callback(self._background.discard)
+
+    async def _safe_unlisten(self, channel: str) -> None:
+        try:
+            await self.broker.unlisten(channel)
+        except Exception:  # the listener's reconnect re-subscribes only wanted channels
+            log.exception("unlisten %s failed", channel)
+
+    def drain(self) -> None:
+        """Close every stream with a final comment; refuse new ones (readiness 503)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining %d streams", len(self._subscribers))
+        for subscriber in list(self._subscribers):
+            subscriber.buf.append(DRAINING)
+            subscriber.close()
+
+
+_hub: Hub | None = None
+
+
+def get_hub() -> Hub | None:
+    return _hub
+
+
+async def ensure_hub() -> Hub:
+    """The process's hub, started on first use (lifespan startup normally does it)."""
+    global _hub
+    if _hub is None:
+        from . import conf
+        _hub = Hub(conf.get())
+    if not _hub._started:
+        await _hub.start()
+    return _hub
+
+
+async def shutdown_hub() -> None:
+    global _hub
+    if _hub is not None:
+        hub, _hub = _hub, None
+        await hub.close()

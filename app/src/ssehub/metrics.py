@@ -1,0 +1,41 @@
+"""Prometheus metrics, correct across gunicorn workers.
+
+``ssehub serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before any worker imports
+this module, so every worker writes its own files and ``/metrics`` aggregates
+them (gauges: live sum or max across live workers). Metrics are updated once
+per event or per stream, never per subscriber per event.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+    multiprocess,
+)
+
+OPEN_STREAMS = Gauge("ssehub_open_streams", "Streams open now.", multiprocess_mode="livesum")
+PUBLISHED = Counter("ssehub_events_published", "Events stored through this hub.")
+DELIVERED = Counter("ssehub_events_delivered",
+                    "Events handed to subscribers (one per subscriber per event).")
+DROPPED = Counter("ssehub_subscribers_dropped",
+                  "Subscribers disconnected because they fell behind (they replay on reconnect).")
+BROKER_LAG = Gauge("ssehub_broker_lag_seconds",
+                   "Seconds from publish to the listener receiving the event, last event seen.",
+                   multiprocess_mode="livemax")
+DRAINING = Gauge("ssehub_draining", "1 while the worker drains on shutdown.",
+                 multiprocess_mode="livemax")
+
+
+def render() -> tuple[bytes, str]:
+    """The text exposition of every worker's metrics, and its content type."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

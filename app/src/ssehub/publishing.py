@@ -1,0 +1,62 @@
+"""What a publish must satisfy, shared by the HTTP API and the Python API."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from . import channels
+
+MAX_EVENT_NAME = 64
+MAX_IDEMPOTENCY_KEY = 200
+
+
+class PublishError(ValueError):
+    """Bad input; ``status`` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Publication:
+    channel: str
+    data: str
+    event: str | None
+    idempotency_key: str | None
+
+
+def prepare(channel: Any, data: Any, event: Any = None, idempotency_key: Any = None, *,
+            max_bytes: int) -> Publication:
+    """Validate and normalise one event; raise PublishError with a reason."""
+    try:
+        channels.validate(channel)
+    except channels.InvalidChannel as exc:
+        raise PublishError(str(exc)) from None
+    if event is not None:
+        if not isinstance(event, str) or not event or len(event) > MAX_EVENT_NAME:
+            raise PublishError(f"event must be a string of 1-{MAX_EVENT_NAME} characters")
+        if "\r" in event or "\n" in event:
+            raise PublishError("event must not contain CR or LF")
+    if data is None:
+        raise PublishError("data is required (a string or any JSON value)")
+    if not isinstance(data, str):
+        try:
+            data = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise PublishError(f"data is not JSON-serialisable: {exc}") from None
+    try:
+        size = len(data.encode())
+    except UnicodeEncodeError:
+        raise PublishError("data is not valid Unicode (lone surrogate)") from None
+    if size > max_bytes:
+        raise PublishError(f"data is {size} bytes, above SSEHUB_MAX_EVENT_BYTES={max_bytes}", 413)
+    if idempotency_key is not None:
+        if (not isinstance(idempotency_key, str) or not idempotency_key
+                or len(idempotency_key) > MAX_IDEMPOTENCY_KEY
+                or not idempotency_key.isprintable()):
+            raise PublishError(
+                f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable characters")
+    return Publication(channel, data, event, idempotency_key)

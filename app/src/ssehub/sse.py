@@ -1,0 +1,58 @@
+"""SSE wire format: events, frames and the few fixed byte strings.
+
+Design choices:
+- A frame is built once per event per process and shared, as ``bytes``, by
+  every subscriber; nothing here runs per subscriber.
+- Data lines are split on CRLF, CR and LF and joined with LF only (I6): an SSE
+  parser treats all three as line ends, so CR cannot travel inside ``data``
+  (send JSON to carry it; JSON escapes it). Other characters, U+2028 included,
+  pass untouched, which is why this does not use ``str.splitlines``.
+- Ids are decimal integers that order events on every broker.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+HEARTBEAT = b":\n\n"
+DRAINING = b": draining, reconnect\n\n"
+
+
+@dataclass(slots=True)
+class Event:
+    """One event on one channel. ``id`` is None for raw broker messages (live only)."""
+
+    channel: str
+    data: str
+    event: str | None = None
+    id: int | None = None
+    published_at: float | None = None
+    frame: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.frame = encode(self.data, self.event, self.id)
+
+
+def encode(data: str, event: str | None = None, event_id: int | str | None = None) -> bytes:
+    """Encode one SSE frame: ``id:``, ``event:``, one ``data:`` per line, blank line."""
+    head = ""
+    if event_id is not None:
+        head = f"id: {event_id}\n"
+    if event:
+        head += f"event: {event}\n"
+    body = "data: " + "\ndata: ".join(_LINE_BREAK.split(data))
+    return f"{head}{body}\n\n".encode()
+
+
+def comment(text: str) -> bytes:
+    return "".join(f": {line}\n" for line in _LINE_BREAK.split(text)).encode() + b"\n"
+
+
+def preamble(retry_ms: int) -> bytes:
+    """First bytes of a stream: a jittered ``retry:`` (I3) and a comment, sent at once (A3)."""
+    jittered = retry_ms + random.randint(0, retry_ms)  # noqa: S311 - jitter, not security
+    return f"retry: {jittered}\n: ssehub stream open\n\n".encode()

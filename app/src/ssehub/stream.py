@@ -1,0 +1,194 @@
+"""``GET /events/``: the stream, served by a thin ASGI path in front of Django.
+
+Why not Django's StreamingHttpResponse: Django's handler adds per-chunk work
+(an async iterator and a ``send`` per chunk through its response machinery) and
+per-request middleware; the benchmark in ``tests/bench`` measures both, and
+this path is what reaches the figures in the README. Everything else (publish,
+health, metrics, demo) stays in Django.
+
+Order of a stream: validate channels (400), authorise (401/403), register the
+subscriber with the hub (the broker confirms interest), send headers and the
+first bytes at once (A3), replay from ``Last-Event-ID`` (I1), then live frames.
+Events that arrive live during the replay are buffered and only those newer
+than the replay are sent, so there is no gap and no duplicate.
+
+Headers: never ``Connection``, ``Content-Length`` or ``Content-Encoding`` (D4,
+A6); ``Cache-Control: no-cache`` (A7) and ``X-Accel-Buffering: no`` (A1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+from urllib.parse import parse_qs
+
+from . import channels, conf, sse, tokens
+from .brokers import BrokerUnavailable
+from .hub import Hub, Subscriber, ensure_hub
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+MAX_CHANNELS = 32
+COOKIE_NAME = "ssehub_token"
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any],
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"cache-control", b"no-store"),
+        *(headers or []),
+    ]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def bearer_token(authorization: str | None, query_token: str | None,
+                 cookie_header: str | None) -> str | None:
+    """The token from ``Authorization: Bearer``, ``?token=`` or the cookie, in that order."""
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    if query_token:
+        return query_token
+    if cookie_header:
+        cookie: SimpleCookie = SimpleCookie()
+        with contextlib.suppress(CookieError):
+            cookie.load(cookie_header)
+            if COOKIE_NAME in cookie:
+                return cookie[COOKIE_NAME].value
+    return None
+
+
+def authorise_subscriber(names: list[str], token: str | None, config: conf.Config) -> None:
+    private = [c for c in names if not channels.matches(c, config.public_channels)]
+    if not private:
+        return
+    if token is None:
+        raise Refusal(401, "a subscriber token is required for channel " + private[0],
+                      [(b"www-authenticate", b'Bearer realm="ssehub"')])
+    try:
+        grant = tokens.verify(config.token_secret, token)
+    except tokens.TokenError as exc:
+        raise Refusal(401, str(exc), [(b"www-authenticate", b'Bearer realm="ssehub"')]) from None
+    denied = [c for c in private if not grant.may_subscribe(c)]
+    if denied:
+        raise Refusal(403, "token does not allow subscribing to " + denied[0])
+
+
+def parse_request(scope: Scope, config: conf.Config) -> tuple[list[str], str | None]:
+    """Return (channels, Last-Event-ID) or raise Refusal."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    names = list(dict.fromkeys(query.get("channel", [])))
+    if not names:
+        raise Refusal(400, "at least one channel parameter is required: /events/?channel=NAME")
+    if len(names) > MAX_CHANNELS:
+        raise Refusal(400, f"at most {MAX_CHANNELS} channels per stream")
+    for name in names:
+        try:
+            channels.validate(name)
+        except channels.InvalidChannel as exc:
+            raise Refusal(400, str(exc)) from None
+    token = bearer_token(headers.get("authorization"), (query.get("token") or [None])[0],
+                         headers.get("cookie"))
+    authorise_subscriber(names, token, config)
+    last_id = headers.get("last-event-id") or (query.get("lastEventId") or [None])[0]
+    return names, (last_id or None)
+
+
+async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            subscriber.close()
+            return
+
+
+async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id: str,
+                    send: Send) -> None:
+    """Send what the client missed, then drop buffered live events it now has."""
+    try:
+        after = int(last_id)
+    except ValueError:
+        after = -1
+    replay = await hub.broker.replay(names, after) if after >= 0 else None
+    if replay is None or replay.reset:
+        head = replay.head if replay is not None else 0
+        reason = "unknown id" if replay is None or after > head else "older than retention"
+        data = json.dumps({"reason": reason, "last_event_id": last_id})
+        frame = sse.encode(data, "reset", head if head else None)
+        cursor = head
+    else:
+        frame = b"".join(event.frame for event in replay.events)
+        cursor = replay.events[-1].id if replay.events else after
+    subscriber.buf = [e for e in subscriber.buf if e.id is None or e.id > (cursor or 0)]
+    if frame:
+        await send({"type": "http.response.body", "body": frame, "more_body": True})
+
+
+async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
+    config = conf.get()
+    try:
+        names, last_id = parse_request(scope, config)
+        hub = await ensure_hub()
+        if hub.draining:
+            raise Refusal(503, "draining, reconnect to another server", [(b"retry-after", b"1")])
+        try:
+            subscriber = await hub.subscribe(names)
+        except BrokerUnavailable as exc:
+            raise Refusal(503, f"broker unavailable: {exc}", [(b"retry-after", b"2")]) from None
+    except Refusal as refusal:
+        await send_json(send, refusal.status, {"error": refusal.reason}, refusal.headers)
+        return
+
+    watcher = asyncio.create_task(_watch_disconnect(receive, subscriber))
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+        await send({"type": "http.response.body", "body": sse.preamble(config.retry_ms),
+                    "more_body": True})
+        if last_id is not None:
+            await _catch_up(hub, subscriber, names, last_id, send)
+        while True:
+            await subscriber.wait()
+            batch = subscriber.buf
+            if batch:
+                subscriber.buf = []
+                body = batch[0].frame if len(batch) == 1 else b"".join([e.frame for e in batch])
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            if subscriber.closed:
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not subscriber.dropped:
+            raise
+        log.warning("dropped a slow subscriber of %s", ",".join(names))
+    except BrokerUnavailable as exc:
+        log.warning("closing a stream: %s", exc)
+    finally:
+        watcher.cancel()
+        hub.unsubscribe(subscriber)

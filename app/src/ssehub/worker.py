@@ -1,0 +1,25 @@
+"""The gunicorn worker class: uvicorn with the hub's shutdown bound.
+
+uvicorn waits for open connections on shutdown; with endless streams that is
+forever (E2/E3). The hub closes its streams on SIGTERM, and
+``timeout_graceful_shutdown`` bounds whatever is left (custom ``@sse_stream``
+views) at ``SSEHUB_DRAIN_SECONDS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn_worker import UvicornWorker
+
+from . import conf
+
+
+class HubWorker(UvicornWorker):
+    CONFIG_KWARGS: dict[str, Any] = {
+        "loop": "auto",
+        "http": "auto",
+        "lifespan": "on",
+        "server_header": False,
+        "timeout_graceful_shutdown": int(conf.get().drain_seconds) or 1,
+    }
