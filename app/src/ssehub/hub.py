@@ -57,20 +57,23 @@ class Subscriber:
 
     __slots__ = ("buf", "channels", "closed", "dropped", "limit", "task", "waiter")
 
-    def __init__(self, channels: tuple[str, ...], limit: int) -> None:
+    def __init__(self, channels: tuple[str, ...], limit: int,
+                 task: asyncio.Task[Any] | None = None) -> None:
         self.channels = channels
         self.buf: list[Any] = []
         self.limit = limit
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.dropped = False
-        self.task: asyncio.Task[Any] | None = asyncio.current_task()
+        # The stream's task, cancelled when it is dropped while blocked in send.
+        self.task = task
 
     def push(self, item: Any) -> None:
+        if self.closed:
+            return
         buf = self.buf
         if len(buf) >= self.limit:
-            if not self.closed:
-                self.drop()
+            self.drop()
             return
         buf.append(item)
         waiter = self.waiter
@@ -166,9 +169,10 @@ class Hub:
     def open_streams(self) -> int:
         return len(self._subscribers)
 
-    async def subscribe(self, channels: Iterable[str]) -> Subscriber:
+    async def subscribe(self, channels: Iterable[str],
+                        task: asyncio.Task[Any] | None = None) -> Subscriber:
         """Register a subscriber; return once the broker delivers its channels."""
-        subscriber = Subscriber(tuple(channels), self.config.subscriber_buffer)
+        subscriber = Subscriber(tuple(channels), self.config.subscriber_buffer, task)
         waits = []
         for channel in subscriber.channels:
             self._by_channel.setdefault(channel, set()).add(subscriber)

@@ -159,7 +159,7 @@ async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
         if hub.draining:
             raise Refusal(503, "draining, reconnect to another server", [(b"retry-after", b"1")])
         try:
-            subscriber = await hub.subscribe(names)
+            subscriber = await hub.subscribe(names, asyncio.current_task())
         except BrokerUnavailable as exc:
             raise Refusal(503, f"broker unavailable: {exc}", [(b"retry-after", b"2")]) from None
     except Refusal as refusal:

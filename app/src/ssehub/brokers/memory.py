@@ -70,7 +70,10 @@ class MemoryBroker(Broker):
             return Replay(reset=True, head=self._head)
         events: list[Event] = []
         for channel in channels:
-            if after < self._floors.get(channel, self._start_id):
+            floor = self._floors.get(channel)
+            if floor is None:  # 0 means "from the start"; other old ids predate this process
+                floor = 0 if after == 0 else self._start_id
+            if after < floor:
                 return Replay(reset=True, head=self._head)
             events.extend(e for e in self._streams.get(channel, ()) if e.id and e.id > after)
         events.sort(key=lambda e: e.id or 0)

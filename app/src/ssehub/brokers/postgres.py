@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "\x1e"
 LOCK_ID = 0x55E_4B1D  # pg_advisory_xact_lock key for publishes
-POLL_SECONDS = 0.2
+POLL_SECONDS = 1.0
 IDLE_CHECK_SECONDS = 5.0
 RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 
@@ -93,6 +94,9 @@ class PostgresBroker(Broker):
         self._task: asyncio.Task[None] | None = None
         self._schema_ready = False
         self._publishes = 0
+        # A private channel that wakes the listener out of its wait when interest changes.
+        self._wake_channel = f"ssehub_wake_{os.getpid()}_{id(self):x}"
+        self._waiting = False
 
     async def start(self, on_event: Any) -> None:
         await super().start(on_event)
@@ -120,10 +124,19 @@ class PostgresBroker(Broker):
     async def listen(self, channel: str) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((channel, True, waiter))
+        await self._wake()
         await waiter
 
     async def unlisten(self, channel: str) -> None:
         self._pending.append((channel, False, None))
+        await self._wake()
+
+    async def _wake(self) -> None:
+        if not self._waiting:
+            return
+        with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+            async with self.pool.connection(timeout=2) as conn:
+                await conn.execute("SELECT pg_notify(%s, '')", (self._wake_channel,))
 
     # listener
     async def _run(self) -> None:
@@ -145,6 +158,7 @@ class PostgresBroker(Broker):
 
     async def _listen_loop(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._ensure_schema_on(conn)
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._wake_channel)))
         for channel in sorted(self._channels):
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         await self._fill_gaps(conn)
@@ -152,10 +166,14 @@ class PostgresBroker(Broker):
         while True:
             await self._apply_pending(conn)
             batch = []
-            async with contextlib.aclosing(
-                    conn.notifies(timeout=POLL_SECONDS, stop_after=1)) as notifies:
-                async for notify in notifies:
-                    batch.append(notify)
+            self._waiting = True
+            try:
+                async with contextlib.aclosing(
+                        conn.notifies(timeout=POLL_SECONDS, stop_after=1)) as notifies:
+                    async for notify in notifies:
+                        batch.append(notify)
+            finally:
+                self._waiting = False
             if batch:
                 idle_since = time.monotonic()
                 await self._deliver(conn, batch)

@@ -2,8 +2,7 @@
 
 Design choices:
 - One Lua script publishes: INCR a global sequence (ids order events across
-  channels), XADD to the channel's stream with that id and exact MAXLEN, trim by
-  age, PUBLISH a small message carrying the id, and record the Idempotency-Key.
+  channels), XADD to the channel's stream with that id, trim by count and age, PUBLISH a small message carrying the id, and record the Idempotency-Key.
   Being one script, store-then-announce is atomic and ids reach pub/sub in order.
 - A process holds two connections: the pub/sub listener and one for commands.
   The listener SUBSCRIBEs only to channels that have local subscribers, and
@@ -51,11 +50,13 @@ if KEYS[3] ~= '' then
   if known then return tonumber(known) end
 end
 local id = redis.call('INCR', KEYS[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '=', ARGV[5], id .. '-0',
-           'e', ARGV[2], 'd', ARGV[3], 't', ARGV[4])
-local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 16)
-for _, entry in ipairs(oldest) do
-  if tonumber(entry[2][6]) < tonumber(ARGV[7]) then
+redis.call('XADD', KEYS[2], id .. '-0', 'e', ARGV[2], 'd', ARGV[3], 't', ARGV[4])
+-- XDEL rather than MAXLEN: only XDEL advances max-deleted-entry-id, which replay
+-- reads to tell a client that it missed trimmed events.
+local excess = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[5])
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', math.max(excess, 0) + 16)
+for i, entry in ipairs(oldest) do
+  if i <= excess or tonumber(entry[2][6]) < tonumber(ARGV[7]) then
     redis.call('XDEL', KEYS[2], entry[1])
   else
     break

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from servers import Postgres, Redis
+
+SECRET = secrets.token_urlsafe(48)
+_counter = itertools.count()
+
+# Django settings load from the environment: give the in-process tests a
+# throwaway configuration before anything imports ssehub.settings.
+os.environ.setdefault("SSEHUB_DATA_DIR", "/tmp/ssehub-tests-data")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ssehub.settings")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    server = Redis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    server = Postgres(tmp_path_factory.mktemp("pg"))
+    server.init()
+    server.start()
+    yield server
+    server.stop()
+
+
+def fresh_database(pg: Postgres) -> str:
+    name = f"t{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgres://postgres@127.0.0.1:{pg.port}/{name}"
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    env = {
+        "SSEHUB_TOKEN_SECRET": SECRET,
+        "SSEHUB_SECRET_KEY": secrets.token_urlsafe(48),
+        "SSEHUB_DATA_DIR": "/tmp/ssehub-tests-data",
+    }
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(params=["memory", "redis", "postgres"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "redis":
+        server: Redis = request.getfixturevalue("redis_server")
+        return server.url
+    pg: Postgres = request.getfixturevalue("pg_server")
+    return fresh_database(pg)
+
+
+def _config_factory(broker_url: str):  # type: ignore[no-untyped-def]
+    from ssehub import conf
+
+    def make(**overrides: str) -> conf.Config:
+        env = base_env(SSEHUB_BROKER_URL=broker_url,
+                       SSEHUB_REDIS_PREFIX=f"t{next(_counter)}:", **overrides)
+        config = conf.load(env)
+        conf._current = config
+        return config
+
+    return make
+
+
+@pytest.fixture
+def make_config(broker_url: str):  # type: ignore[no-untyped-def]
+    from ssehub import conf
+
+    yield _config_factory(broker_url)
+    conf.reset()
+
+
+@pytest.fixture
+def redis_config(redis_server: Redis):  # type: ignore[no-untyped-def]
+    from ssehub import conf
+
+    yield _config_factory(redis_server.url)
+    conf.reset()
+
+
+@pytest.fixture
+def pg_config(pg_server: Postgres):  # type: ignore[no-untyped-def]
+    from ssehub import conf
+
+    yield _config_factory(fresh_database(pg_server))
+    conf.reset()
+
+
+@pytest.fixture
+async def hub(make_config) -> AsyncIterator:  # type: ignore[no-untyped-def]
+    from ssehub.hub import Hub
+
+    instance = Hub(make_config(SSEHUB_RETENTION_EVENTS="5", SSEHUB_HEARTBEAT="0.2"))
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]

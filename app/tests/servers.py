@@ -1,0 +1,230 @@
+"""Real servers for the tests: Redis, PostgreSQL, nginx and the hub under gunicorn.
+
+Each runs from Debian's packages on a free loopback port in a temporary
+directory, and is stopped by the PID we started. PostgreSQL refuses to run as
+root, so as root it runs as the ``postgres`` user the Debian package creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATES = REPO / "templates"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "server") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout}s: {last}")
+
+
+def port_open(port: int) -> bool:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+class Redis:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.dir), "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL)
+        wait_for(lambda: port_open(self.port), what="redis")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+
+class Postgres:
+    def __init__(self, directory: Path) -> None:
+        # Not under pytest's 0700 tmp dir: the postgres user must reach it.
+        self.dir = Path(tempfile.mkdtemp(prefix="ssehub-pg-")) / "pgdata"
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.as_postgres = os.geteuid() == 0
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _cmd(self, *args: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *args] if self.as_postgres else list(args)
+
+    def init(self) -> None:
+        self.dir.mkdir(parents=True)
+        if self.as_postgres:
+            shutil.chown(self.dir.parent, "postgres")
+            shutil.chown(self.dir, "postgres")
+        subprocess.run(self._cmd(str(PG_BIN / "initdb"), "-D", str(self.dir), "-U", "postgres",
+                                 "--auth=trust", "-E", "UTF8", "--no-sync"),
+                       check=True, capture_output=True)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self._cmd(str(PG_BIN / "postgres"), "-D", str(self.dir), "-p", str(self.port),
+                      "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1",
+                      "-c", "fsync=off", "-c", "max_connections=200"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._ready, what="postgres")
+
+    def _ready(self) -> bool:
+        import psycopg
+
+        with psycopg.connect(self.conninfo(), connect_timeout=1) as conn:
+            conn.execute("SELECT 1")
+        return True
+
+    def conninfo(self, db: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        if self.process is not None:
+            # SIGINT is postgres' "fast" shutdown; send it to the postmaster itself
+            # (runuser does not forward it).
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int((self.dir / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
+            stop(self.process, signal.SIGTERM)
+        shutil.rmtree(self.dir.parent, ignore_errors=True)
+
+
+class Nginx:
+    """nginx on loopback with the snippets from templates/nginx, as ops include them."""
+
+    def __init__(self, directory: Path, upstreams: list[int]) -> None:
+        self.dir = directory
+        self.port = free_port()
+        self.upstreams = upstreams
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        upstream = (TEMPLATES / "nginx/ssehub-upstream.conf").read_text()
+        servers = "".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;\n"
+                          for p in self.upstreams)
+        upstream = upstream.replace(
+            "    server 127.0.0.1:8000 max_fails=1 fail_timeout=5s;\n", servers)
+        return f"""
+daemon off;
+master_process on;
+worker_processes 1;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {self.dir}/body;
+    proxy_temp_path {self.dir}/proxy;
+    fastcgi_temp_path {self.dir}/fastcgi;
+    uwsgi_temp_path {self.dir}/uwsgi;
+    scgi_temp_path {self.dir}/scgi;
+    gzip on;
+    gzip_types text/event-stream application/json text/plain;
+    gzip_min_length 1;
+    include {TEMPLATES}/nginx/ssehub-http.conf;
+    {upstream}
+    server {{
+        listen 127.0.0.1:{self.port};
+        include {TEMPLATES}/nginx/ssehub-locations.conf;
+    }}
+}}
+"""
+
+    def start(self) -> None:
+        conf = self.dir / "nginx.conf"
+        conf.write_text(self.config())
+        subprocess.run(["nginx", "-t", "-q", "-c", str(conf), "-p", str(self.dir)], check=True)
+        self.process = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.dir)])
+        wait_for(lambda: port_open(self.port), what="nginx")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, signal.SIGQUIT)
+
+
+class Hub:
+    """``ssehub serve`` (gunicorn + uvicorn workers) as users run it."""
+
+    def __init__(self, directory: Path, env: dict[str, str], workers: int = 1) -> None:
+        self.dir = directory
+        self.port = free_port()
+        self.env = {**os.environ, **env}
+        self.workers = workers
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = directory / f"hub-{self.port}.log"
+
+    def start(self) -> None:
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ssehub.cli", "serve", "--bind",
+                 f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._ready, what=f"hub (log: {self.log})")
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"hub exited: {self.log.read_text()[-2000:]}")
+        return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, timeout=30)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running(server) -> Iterator:  # type: ignore[no-untyped-def]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,193 @@
+"""The broker contract, run against memory://, real Redis and real PostgreSQL.
+
+Rows: I1 (exact replay, reset), H1/H2 (payload size, quotes and newlines),
+G4 (one connection per process), F3 (interest released), seed compatibility.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import psycopg
+import pytest
+import redis
+
+from ssehub.hub import UNLISTEN_DELAY, Hub, Subscriber
+
+pytestmark = pytest.mark.asyncio
+
+
+async def take(subscriber: Subscriber, count: int, timeout: float = 5.0) -> list:
+    """Wait for ``count`` events with ids (heartbeats are skipped)."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"got {len(got)} of {count} events: {got}")
+        try:
+            async with asyncio.timeout(remaining):
+                await subscriber.wait()
+        except TimeoutError:
+            continue
+        batch, subscriber.buf = subscriber.buf, []
+        got.extend(e for e in batch if getattr(e, "channel", None) is not None)
+    return got
+
+
+async def test_publish_returns_increasing_ids_and_delivers_live(hub: Hub) -> None:
+    subscriber = await hub.subscribe(["news"])
+    ids = [await hub.broker.publish("news", f"n{i}") for i in range(3)]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    events = await take(subscriber, 3)
+    assert [e.id for e in events] == ids
+    assert [e.data for e in events] == ["n0", "n1", "n2"]
+    assert events[0].frame == f"id: {ids[0]}\ndata: n0\n\n".encode()
+
+
+async def test_replay_is_exact_and_ordered_across_channels(hub: Hub) -> None:
+    first = await hub.broker.publish("a", "1")
+    await hub.broker.publish("b", "2")
+    await hub.broker.publish("c", "skip")
+    await hub.broker.publish("a", "3", event="update")
+    replay = await hub.broker.replay(["a", "b"], first)
+    assert not replay.reset
+    assert [(e.channel, e.data, e.event) for e in replay.events] == [
+        ("b", "2", None), ("a", "3", "update")]
+    everything = await hub.broker.replay(["a", "b"], 0)
+    assert [e.data for e in everything.events] == ["1", "2", "3"]
+
+
+async def test_i1_reset_when_id_older_than_retention(hub: Hub) -> None:
+    ids = [await hub.broker.publish("r", str(i)) for i in range(8)]  # retention is 5
+    kept = await hub.broker.replay(["r"], ids[2])
+    assert not kept.reset and [e.data for e in kept.events] == ["3", "4", "5", "6", "7"]
+    assert (await hub.broker.replay(["r"], ids[1])).reset
+
+
+async def test_i1_reset_for_an_id_never_issued(hub: Hub) -> None:
+    last = await hub.broker.publish("r", "x")
+    replay = await hub.broker.replay(["r"], last + 1000)
+    assert replay.reset and replay.head == last
+
+
+async def test_idempotency_key_stores_once(hub: Hub) -> None:
+    first = await hub.broker.publish("i", "pay", idempotency_key="order-7")
+    again = await hub.broker.publish("i", "pay", idempotency_key="order-7")
+    other = await hub.broker.publish("i", "pay", idempotency_key="order-8")
+    assert first == again != other
+    assert [e.id for e in (await hub.broker.replay(["i"], 0)).events] == [first, other]
+
+
+@pytest.mark.parametrize("data", [
+    "line one\nline two", "trailing newline\n", "\n", "", "it's \"quoted\"; DROP TABLE x; --",
+    "paragraph\u2028separator", "x" * 60000,
+], ids=["multiline", "trailing", "lf", "empty", "quotes", "u2028", "h1-60k"])
+async def test_h1_h2_payloads_round_trip(hub: Hub, data: str) -> None:
+    subscriber = await hub.subscribe(["p"])
+    event_id = await hub.broker.publish("p", data)
+    live = await take(subscriber, 1)
+    stored = (await hub.broker.replay(["p"], event_id - 1)).events
+    assert live[0].data == data and stored[0].data == data
+
+
+async def test_many_subscribers_share_one_listener(hub: Hub) -> None:
+    subscribers = [await hub.subscribe(["fan"]) for _ in range(200)]
+    event_id = await hub.broker.publish("fan", "all")
+    for subscriber in subscribers:
+        assert [e.id for e in await take(subscriber, 1)] == [event_id]
+    # the same frame object, encoded once, reaches every subscriber
+    for subscriber in subscribers:
+        hub.unsubscribe(subscriber)
+
+
+async def test_g4_redis_clients_do_not_grow_with_subscribers(redis_config, redis_server) -> None:  # type: ignore[no-untyped-def]
+    config = redis_config()
+    client = redis.Redis.from_url(redis_server.url)
+    before = len(client.client_list())
+    hub = Hub(config)
+    await hub.start()
+    subscribers = [await hub.subscribe([f"g4.{i % 50}"]) for i in range(1000)]
+    await hub.broker.publish("g4.1", "x")
+    assert len(await take(subscribers[1], 1)) == 1
+    during = len(client.client_list())
+    assert during - before <= 2, f"{during - before} redis connections for 1000 subscribers"
+    for subscriber in subscribers:
+        hub.unsubscribe(subscriber)
+    await asyncio.sleep(UNLISTEN_DELAY + 0.5)
+    numsub = client.pubsub_numsub(*[f"{config.redis_prefix}g4.{i}" for i in range(50)])
+    assert all(count == 0 for _, count in numsub), numsub  # F3: interest released within 2 s
+    await hub.close()
+
+
+async def test_g4_postgres_connections_do_not_grow(pg_config, pg_server) -> None:  # type: ignore[no-untyped-def]
+    config = pg_config()
+    dbname = config.broker_url.rsplit("/", 1)[1]
+    count_sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+    with psycopg.connect(pg_server.conninfo(), autocommit=True) as admin:
+        hub = Hub(config)
+        await hub.start()
+        subscribers = [await hub.subscribe([f"g4.{i % 20}"]) for i in range(300)]
+        await hub.broker.publish("g4.1", "x")
+        assert len(await take(subscribers[1], 1)) == 1
+        during = admin.execute(count_sql, (dbname,)).fetchone()[0]
+        assert during <= 2, f"{during} postgres connections for 300 subscribers"
+        for subscriber in subscribers:
+            hub.unsubscribe(subscriber)
+        await asyncio.sleep(UNLISTEN_DELAY + 0.5)
+        async with await psycopg.AsyncConnection.connect(config.broker_url.replace(
+                "postgres://", "postgresql://"), autocommit=True) as probe:
+            await probe.execute("SELECT 1")
+        await hub.close()
+        await asyncio.sleep(0.3)
+        after = admin.execute(count_sql, (dbname,)).fetchone()[0]
+        assert after == 0, f"{after} connections left after close"
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_raw_publish_from_outside_reaches_subscribers_live(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """Seed compatibility: redis-cli PUBLISH and psql NOTIFY still work, live only."""
+    config = request.getfixturevalue(f"{'pg' if kind == 'postgres' else kind}_config")()
+    hub = Hub(config)
+    await hub.start()
+    subscriber = await hub.subscribe(["lobby"])
+    if config.broker_url.startswith("redis"):
+        server = request.getfixturevalue("redis_server")
+        server.cli("PUBLISH", f"{config.redis_prefix}lobby", "Hello from redis-cli")
+        expected = "Hello from redis-cli"
+    else:
+        subprocess.run(["psql", config.broker_url, "-c", "NOTIFY lobby, 'Hello, it''s psql'"],
+                       check=True, capture_output=True)
+        expected = "Hello, it's psql"
+    events = await take(subscriber, 1)
+    assert events[0].data == expected and events[0].id is None
+    assert events[0].frame == f"data: {expected}\n\n".encode()
+    await hub.close()
+
+
+async def test_heartbeats_reach_idle_subscribers(hub: Hub) -> None:
+    subscriber = await hub.subscribe(["quiet"])
+    async with asyncio.timeout(2):
+        await subscriber.wait()
+    assert subscriber.buf[0].frame == b":\n\n"
+
+
+async def test_g1_slow_subscriber_is_dropped_not_buffered_forever(make_config) -> None:  # type: ignore[no-untyped-def]
+    hub = Hub(make_config(SSEHUB_SUBSCRIBER_BUFFER="10"))
+    await hub.start()
+    slow = await hub.subscribe(["burst"])
+    fast = await hub.subscribe(["burst"])
+    ids = []
+    for i in range(30):
+        ids.append(await hub.broker.publish("burst", str(i)))
+        fast.buf.clear()  # this one keeps up
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.3)
+    assert slow.dropped and slow.closed and not fast.dropped
+    assert len(slow.buf) == 0
+    replay = await hub.broker.replay(["burst"], 0)
+    assert [e.id for e in replay.events] == ids  # its reconnect replays everything
+    await hub.close()
