@@ -8,7 +8,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from servers import Postgres, Redis
 
 SECRET = secrets.token_urlsafe(48)

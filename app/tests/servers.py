@@ -180,7 +180,8 @@ http {{
         conf = self.dir / "nginx.conf"
         conf.write_text(self.config())
         subprocess.run(["nginx", "-t", "-q", "-c", str(conf), "-p", str(self.dir)], check=True)
-        self.process = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.dir)])
+        self.process = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.dir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: port_open(self.port), what="nginx")
 
     def stop(self) -> None:

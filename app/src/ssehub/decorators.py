@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -35,7 +35,7 @@ def _frame(item: Any) -> bytes:
     raise TypeError(f"@sse_stream generators yield str, (event, data), dict or Event, not {item!r}")
 
 
-async def _as_async(gen: Iterator[Any]) -> AsyncIterator[Any]:
+async def _as_async(gen: Generator[Any, None, None]) -> AsyncIterator[Any]:
     step = sync_to_async(lambda: next(gen, _DONE), thread_sensitive=False)
     try:
         while (item := await step()) is not _DONE:
@@ -77,7 +77,7 @@ def sse_stream(view: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> StreamingHttpResponse:
         config = conf.get()
         result = view(request, *args, **kwargs)
-        source = result if hasattr(result, "__anext__") else _as_async(iter(result))
+        source = result if hasattr(result, "__anext__") else _as_async(result)
         response = StreamingHttpResponse(
             _with_heartbeats(source, config.heartbeat, config.retry_ms),
             content_type="text/event-stream")

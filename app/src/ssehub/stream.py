@@ -145,7 +145,7 @@ async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id:
         cursor = head
     else:
         frame = b"".join(event.frame for event in replay.events)
-        cursor = replay.events[-1].id if replay.events else after
+        cursor = (replay.events[-1].id or after) if replay.events else after
     subscriber.buf = [e for e in subscriber.buf if e.id is None or e.id > (cursor or 0)]
     if frame:
         await send({"type": "http.response.body", "body": frame, "more_body": True})

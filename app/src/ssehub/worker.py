@@ -15,7 +15,7 @@ from uvicorn_worker import UvicornWorker
 from . import conf
 
 
-class HubWorker(UvicornWorker):
+class HubWorker(UvicornWorker):  # type: ignore[misc]
     CONFIG_KWARGS: dict[str, Any] = {
         "loop": "auto",
         "http": "auto",

@@ -58,7 +58,7 @@ class MemoryBroker(Broker):
         stream.append(item)
         self._trim(channel, stream, now)
         if idempotency_key is not None:
-            self._idempotency[idempotency_key] = (item.id, now + self.config.retention_seconds)
+            self._idempotency[idempotency_key] = (self._head, now + self.config.retention_seconds)
             if len(self._idempotency) > 100_000:
                 self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] > now}
         if channel in self._listening:

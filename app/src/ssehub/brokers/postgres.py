@@ -117,7 +117,7 @@ class PostgresBroker(Broker):
             return
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID + 1,))
-            await conn.execute(SCHEMA)  # type: ignore[arg-type]
+            await conn.execute(SCHEMA)
         self._schema_ready = True
 
     # interest
@@ -185,7 +185,7 @@ class PostgresBroker(Broker):
         if not self._schema_ready:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID + 1,))
-                await conn.execute(SCHEMA)  # type: ignore[arg-type]
+                await conn.execute(SCHEMA)
             self._schema_ready = True
 
     async def _apply_pending(self, conn: psycopg.AsyncConnection[Any]) -> None:

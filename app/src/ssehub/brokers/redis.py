@@ -2,7 +2,8 @@
 
 Design choices:
 - One Lua script publishes: INCR a global sequence (ids order events across
-  channels), XADD to the channel's stream with that id, trim by count and age, PUBLISH a small message carrying the id, and record the Idempotency-Key.
+  channels), XADD to the channel's stream with that id, trim by count and age,
+  PUBLISH a small message carrying the id, and record the Idempotency-Key.
   Being one script, store-then-announce is atomic and ids reach pub/sub in order.
 - A process holds two connections: the pub/sub listener and one for commands.
   The listener SUBSCRIBEs only to channels that have local subscribers, and
@@ -172,7 +173,7 @@ class RedisBroker(Broker):
     async def _connect_and_read(self) -> None:
         pubsub = self._listener_client.pubsub()
         self._pubsub = pubsub
-        await pubsub.connect()
+        await pubsub.connect()  # type: ignore[no-untyped-call]
         wanted = sorted(self._channels)
         if wanted:
             await pubsub.subscribe(*(self._pubsub_channel(c) for c in wanted))
@@ -240,7 +241,7 @@ class RedisBroker(Broker):
 
     # commands
     async def _range(self, channel: str, after: int) -> list[Event]:
-        entries = await self.redis.xrange(self._stream_key(channel), f"({after}-0", "+")
+        entries: Any = await self.redis.xrange(self._stream_key(channel), f"({after}-0", "+")
         return [_event_from_entry(channel, entry_id, fields) for entry_id, fields in entries]
 
     async def publish(self, channel: str, data: str, event: str | None = None,
