@@ -55,6 +55,7 @@ STATIC_ROOT = _config.static_root
 DATA_UPLOAD_MAX_MEMORY_SIZE = _config.max_event_bytes * 7 + 65536
 
 USE_TZ = True
+TIME_ZONE = "UTC"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

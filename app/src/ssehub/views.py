@@ -17,7 +17,7 @@ from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from . import conf, metrics, tokens
+from . import channels, conf, metrics, tokens
 from .api import apublish
 from .brokers import BrokerUnavailable
 from .hub import ensure_hub
@@ -71,7 +71,11 @@ async def publish(request: HttpRequest) -> HttpResponse:
             raise PublishError(f"body is {length} bytes, far above SSEHUB_MAX_EVENT_BYTES", 413)
         body = _parse_body(request)
         channel = body.get("channel")
-        if isinstance(channel, str) and not grant.may_publish(channel):
+        try:
+            channels.validate(channel)
+        except channels.InvalidChannel as exc:
+            raise PublishError(str(exc)) from None
+        if not grant.may_publish(channel):
             return _error(403, f"token does not allow publishing to {channel}")
         event_id = await apublish(channel, body.get("data"), body.get("event"),  # type: ignore[arg-type]
                                   idempotency_key=request.headers.get("Idempotency-Key"))

@@ -1,0 +1,428 @@
+"""End to end: ``ssehub serve`` (gunicorn, two uvicorn workers) behind a real nginx.
+
+Streams are read with httpx-sse, a parser we did not write, and raw bytes where
+timing or comments matter. Each test names the FAILURE-MODES row it pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from conftest import SECRET, base_env, fresh_database
+from servers import Hub, Nginx, Postgres, Redis
+from ssehub import tokens
+
+pytestmark = pytest.mark.asyncio
+
+
+def token(publish: list[str] | None = None, subscribe: list[str] | None = None,
+          ttl: int = 300) -> str:
+    return tokens.mint(SECRET, publish=publish or [], subscribe=subscribe or [], ttl=ttl)
+
+
+def auth(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server: Redis, pg_server: Postgres,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hub, Nginx]]:
+    directory = tmp_path_factory.mktemp("e2e")
+    env = base_env(SSEHUB_BROKER_URL=redis_server.url,
+                   SSEHUB_DATABASE_URL=fresh_database(pg_server),
+                   SSEHUB_REDIS_PREFIX="e2e:", SSEHUB_HEARTBEAT="1",
+                   SSEHUB_PUBLIC_CHANNELS="public.*", PYTHONASYNCIODEBUG="1",
+                   SSEHUB_DATA_DIR=str(directory))
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
+                   env={**__import__("os").environ, **env}, check=True)
+    hub = Hub(directory, env, workers=2)
+    hub.start()
+    nginx = Nginx(directory, [hub.port])
+    nginx.start()
+    yield hub, nginx
+    nginx.stop()
+    hub.stop()
+    # E1: no callback blocked the event loop (asyncio debug mode logs any > 100 ms).
+    slow = [line for line in hub.output().splitlines() if "Executing <" in line]
+    assert not slow, "blocking calls on the event loop:\n" + "\n".join(slow[:5])
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=10)) as c:
+        yield c
+
+
+async def publish(client: httpx.AsyncClient, base: str, channel: str, data: object,
+                  event: str | None = None, **headers: str) -> str:
+    body: dict[str, object] = {"channel": channel, "data": data}
+    if event:
+        body["event"] = event
+    response = await client.post(f"{base}/publish/", json=body,
+                                 headers={**auth(token(publish=[channel])), **headers})
+    assert response.status_code == 201, response.text
+    event_id: str = response.json()["id"]
+    return event_id
+
+
+async def read_events(client: httpx.AsyncClient, url: str, count: int,
+                      headers: dict[str, str] | None = None, timeout: float = 5) -> list:
+    got = []
+    async with asyncio.timeout(timeout):
+        async with aconnect_sse(client, "GET", url, headers=headers or {}) as source:
+            assert source.response.status_code == 200
+            async for event in source.aiter_sse():
+                if event.id or event.data:
+                    got.append(event)
+                if len(got) >= count:
+                    break
+    return got
+
+
+async def test_a3_first_bytes_at_once_through_nginx(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    started = time.monotonic()
+    async with client.stream("GET", f"{nginx.url}/events/?channel=public.a3") as response:
+        first = await anext(response.aiter_raw())
+        elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert elapsed < 1.0, f"first bytes after {elapsed:.2f}s"
+    assert re.match(rb"retry: \d+\n: ", first)
+
+
+async def test_d4_a7_stream_headers_from_the_app(stack, client) -> None:  # type: ignore[no-untyped-def]
+    hub, _ = stack
+    async with client.stream("GET", f"{hub.url}/events/?channel=public.h") as response:
+        headers = response.headers
+    assert headers["content-type"] == "text/event-stream"
+    assert headers["cache-control"] == "no-cache"
+    assert headers["x-accel-buffering"] == "no"
+    for hop in ("connection", "content-length", "content-encoding", "keep-alive"):
+        assert hop not in headers, f"{hop}: {headers[hop]}"
+
+
+async def test_a6_no_compression_through_nginx(stack, client) -> None:  # type: ignore[no-untyped-def]
+    """The harness turns gzip on for text/event-stream; the stream location turns it off."""
+    _, nginx = stack
+    async with client.stream("GET", f"{nginx.url}/events/?channel=public.gz",
+                             headers={"Accept-Encoding": "gzip, br, zstd"}) as response:
+        assert "content-encoding" not in response.headers
+        first = await anext(response.aiter_raw())
+    assert first.startswith(b"retry: ")
+
+
+async def test_a1_one_event_per_second_arrives_without_buffering(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    channel = "a1.tick"
+    latencies: list[float] = []
+    sent_at: dict[str, float] = {}
+
+    async def reader() -> None:
+        async with aconnect_sse(client, "GET", f"{nginx.url}/events/?channel={channel}",
+                                headers=auth(token(subscribe=[channel]))) as source:
+            async for event in source.aiter_sse():
+                if event.data in sent_at:
+                    latencies.append(time.monotonic() - sent_at[event.data])
+                    if len(latencies) == 3:
+                        return
+
+    task = asyncio.create_task(reader())
+    await asyncio.sleep(0.3)
+    for i in range(3):
+        sent_at[f"tick {i}"] = time.monotonic()
+        await publish(client, nginx.url, channel, f"tick {i}")
+        await asyncio.sleep(1)
+    await asyncio.wait_for(task, 5)
+    assert max(latencies) < 1.5, latencies
+
+
+async def test_a2_heartbeats_arrive_on_an_idle_stream(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    comments = 0
+    started = time.monotonic()
+    async with client.stream("GET", f"{nginx.url}/events/?channel=public.idle") as response:
+        async for line in response.aiter_lines():
+            if line == ":":
+                comments += 1
+                if comments == 2:
+                    break
+    assert time.monotonic() - started < 3.5  # SSEHUB_HEARTBEAT=1
+
+
+async def test_i1_last_event_id_replays_the_gap_through_nginx(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    channel = "i1.replay"
+    ids = [await publish(client, nginx.url, channel, f"m{i}") for i in range(5)]
+    url = f"{nginx.url}/events/?channel={channel}"
+    sub = auth(token(subscribe=[channel]))
+    by_header = await read_events(client, url, 3, {**sub, "Last-Event-ID": ids[1]})
+    assert [e.id for e in by_header] == ids[2:]
+    by_query = await read_events(client, f"{url}&lastEventId={ids[3]}", 1, sub)
+    assert [(e.id, e.data) for e in by_query] == [(ids[4], "m4")]
+
+
+async def test_i1_replay_then_live_without_gap_or_duplicate(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    channel = "i1.join"
+    first = await publish(client, nginx.url, channel, "before")
+    url = f"{nginx.url}/events/?channel={channel}"
+    reader = asyncio.create_task(read_events(
+        client, url, 21, {**auth(token(subscribe=[channel])), "Last-Event-ID": str(int(first) - 1)}))
+    published = [first]
+    for i in range(20):  # publish while the reader replays and joins the live stream
+        published.append(await publish(client, nginx.url, channel, f"live {i}"))
+    events = await asyncio.wait_for(reader, 10)
+    assert [e.id for e in events] == published
+
+
+async def test_i1_unknown_id_gets_a_reset_event(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    events = await read_events(client, f"{nginx.url}/events/?channel=public.reset", 1,
+                               {"Last-Event-ID": "999999999999"})
+    assert events[0].event == "reset"
+    assert json.loads(events[0].data)["reason"] == "unknown id"
+
+
+async def test_a7_clients_get_only_their_own_events(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    alice = asyncio.create_task(read_events(client, f"{nginx.url}/events/?channel=user.alice", 1,
+                                            auth(token(subscribe=["user.alice"]))))
+    bob = asyncio.create_task(read_events(client, f"{nginx.url}/events/?channel=user.bob", 1,
+                                          auth(token(subscribe=["user.bob"]))))
+    await asyncio.sleep(0.5)
+    await publish(client, nginx.url, "user.alice", "for alice")
+    await publish(client, nginx.url, "user.bob", "for bob")
+    assert [e.data for e in await alice] == ["for alice"]
+    assert [e.data for e in await bob] == ["for bob"]
+
+
+async def test_i3_retry_is_jittered(stack, client) -> None:  # type: ignore[no-untyped-def]
+    hub, _ = stack
+    values = set()
+    for _ in range(8):
+        async with client.stream("GET", f"{hub.url}/events/?channel=public.r") as response:
+            first = await anext(response.aiter_raw())
+        match = re.match(rb"retry: (\d+)\n", first)
+        assert match
+        values.add(int(match.group(1)))
+    assert all(2000 <= v <= 4000 for v in values) and len(values) > 1, values
+
+
+@pytest.mark.parametrize("data", [
+    "two\nlines", "trailing newline\n", "\n\n", "line\u2028separator", " leading space",
+    {"text": "crlf\r\nin json", "n": [1, 2]},
+], ids=["lf", "trailing", "blank-lines", "u2028", "space", "json-crlf"])
+async def test_i5_i6_payloads_round_trip(stack, client, data) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    channel = "i5.payload"
+    event_id = await publish(client, nginx.url, channel, data)
+    events = await read_events(client, f"{nginx.url}/events/?channel={channel}", 1,
+                               {**auth(token(subscribe=[channel])),
+                                "Last-Event-ID": str(int(event_id) - 1)})
+    expected = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    assert events[0].data == expected and events[0].id == event_id
+
+
+async def test_i6_cr_in_string_data_arrives_as_lf(stack, client) -> None:  # type: ignore[no-untyped-def]
+    """SSE cannot carry CR in data; the hub sends it as a line break (documented)."""
+    _, nginx = stack
+    event_id = await publish(client, nginx.url, "i6.cr", "a\r\nb\rc")
+    events = await read_events(client, f"{nginx.url}/events/?channel=i6.cr", 1,
+                               {**auth(token(subscribe=["i6.cr"])),
+                                "Last-Event-ID": str(int(event_id) - 1)})
+    assert events[0].data == "a\nb\nc"
+
+
+async def test_stream_errors_are_json_never_redirects(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    base = f"{nginx.url}/events/"
+    cases = [
+        ("", {}, 400),
+        ("?channel=bad%20name", {}, 400),
+        ("?channel=" + "x" * 64, {}, 400),
+        ("?channel=private.x", {}, 401),
+        ("?channel=private.x", auth("not-a-jwt"), 401),
+        ("?channel=private.x", auth(token(subscribe=["private.x"], ttl=-10)), 401),  # F7
+        ("?channel=private.x", auth(token(subscribe=["other.*"])), 403),
+        ("?channel=private.x&channel=public.ok", auth(token(subscribe=["public.*"])), 403),
+    ]
+    for query, headers, status in cases:
+        response = await client.get(base + query, headers=headers)
+        assert response.status_code == status, (query, response.status_code, response.text)
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]
+
+
+async def test_token_by_query_and_cookie(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    value = token(subscribe=["private.*"])
+    async with client.stream("GET", f"{nginx.url}/events/?channel=private.q&token={value}") as r:
+        assert r.status_code == 200
+    async with client.stream("GET", f"{nginx.url}/events/?channel=private.c",
+                             headers={"Cookie": f"ssehub_token={value}"}) as r:
+        assert r.status_code == 200
+
+
+async def test_publish_errors(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    url = f"{nginx.url}/publish/"
+    good = auth(token(publish=["pub.*"]))
+    cases = [
+        ({}, {"json": {"channel": "pub.x", "data": "d"}}, 401),
+        (auth("garbage"), {"json": {"channel": "pub.x", "data": "d"}}, 401),
+        (auth(token(publish=["pub.*"], ttl=-5)), {"json": {"channel": "pub.x", "data": "d"}}, 401),
+        (good, {"json": {"channel": "other", "data": "d"}}, 403),
+        (good, {"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400),
+        (good, {"json": ["a", "list"]}, 400),
+        (good, {"json": {"channel": "pub x", "data": "d"}}, 400),
+        (good, {"json": {"channel": "pub.x", "event": "a\nb", "data": "d"}}, 400),
+        (good, {"json": {"channel": "pub.x", "event": "a\rb", "data": "d"}}, 400),
+        (good, {"json": {"channel": "pub.x"}}, 400),
+        (good, {"json": {"channel": 5, "data": "d"}}, 400),
+        (good, {"content": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}, 400),
+        (good, {"content": b"raw", "headers": {"Content-Type": "text/plain"}}, 400),
+        (good, {"json": {"channel": "pub.x", "data": "x" * 65537}}, 413),
+    ]
+    for headers, kwargs, status in cases:
+        extra = kwargs.pop("headers", {})
+        response = await client.post(url, headers={**headers, **extra}, **kwargs)
+        assert response.status_code == status, (kwargs, response.status_code, response.text)
+        assert response.json()["error"]
+    form = await client.post(url, headers=good, data={"channel": "pub.form", "data": "curl -d"})
+    assert form.status_code == 201 and form.json()["id"].isdigit()
+
+
+async def test_publish_idempotency_key(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    first = await publish(client, nginx.url, "idem.x", "pay", **{"Idempotency-Key": "k-1"})
+    again = await publish(client, nginx.url, "idem.x", "pay", **{"Idempotency-Key": "k-1"})
+    other = await publish(client, nginx.url, "idem.x", "pay", **{"Idempotency-Key": "k-2"})
+    assert first == again != other
+
+
+async def test_f3_closed_clients_release_broker_interest(stack, client, redis_server) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    import redis as redis_sync
+
+    channels = [f"public.f3.{i}" for i in range(10)]
+    async def hold(channel: str) -> None:
+        async with client.stream("GET", f"{nginx.url}/events/?channel={channel}") as r:
+            await anext(r.aiter_raw())
+            await asyncio.sleep(0.5)
+
+    redis = redis_sync.Redis.from_url(redis_server.url)
+    tasks = [asyncio.create_task(hold(c)) for c in channels for _ in range(5)]
+    await asyncio.sleep(0.4)
+    assert sum(n for _, n in redis.pubsub_numsub(*[f"e2e:{c}" for c in channels])) > 0
+    await asyncio.gather(*tasks)
+    closed_at = time.monotonic()
+    while sum(n for _, n in redis.pubsub_numsub(*[f"e2e:{c}" for c in channels])):
+        assert time.monotonic() - closed_at < 2.0, "broker interest held > 2 s after close"
+        await asyncio.sleep(0.05)
+
+
+async def test_metrics_sum_across_workers(stack, client) -> None:  # type: ignore[no-untyped-def]
+    hub, nginx = stack
+
+    def value(text: str, name: str) -> float:
+        match = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert match, name
+        return float(match.group(1))
+
+    before = value((await client.get(f"{hub.url}/metrics")).text, "ssehub_events_published_total")
+    for i in range(10):  # spread over both workers by separate connections
+        async with httpx.AsyncClient() as fresh:
+            await publish(fresh, nginx.url, "metrics.x", str(i))
+    text = (await client.get(f"{hub.url}/metrics")).text
+    assert value(text, "ssehub_events_published_total") - before == 10
+    for name in ("ssehub_open_streams", "ssehub_events_delivered_total",
+                 "ssehub_subscribers_dropped_total", "ssehub_broker_lag_seconds"):
+        value(text, name)
+
+
+async def test_health_and_readiness(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    assert (await client.get(f"{nginx.url}/healthz")).status_code == 200
+    ready = await client.get(f"{nginx.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+async def test_chat_demo_posts_reach_the_stream(stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, nginx = stack
+    async with httpx.AsyncClient(base_url=nginx.url, timeout=10) as browser:
+        page = await browser.get("/?room=e2e")
+        assert page.status_code == 200 and "EventSource" in page.text
+        assert "ssehub_token" in browser.cookies
+        csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+        assert csrf
+        reader = asyncio.create_task(read_events(browser, "/events/?channel=chat.e2e", 1))
+        await asyncio.sleep(0.5)
+        sent = await browser.post("/chat/messages/", data={
+            "csrfmiddlewaretoken": csrf.group(1), "room": "e2e", "author": "ann",
+            "text": "hello\r\nworld\u2028!"}, headers={"Referer": nginx.url + "/"})
+        assert sent.status_code == 201, sent.text
+        events = await asyncio.wait_for(reader, 5)
+    message = json.loads(events[0].data)
+    assert events[0].event == "message"
+    assert message["text"] == "hello\r\nworld\u2028!" and message["author"] == "ann"
+
+
+@pytest.fixture
+def lone_stack(tmp_path: Path, pg_server: Postgres) -> Iterator[tuple[Redis, Hub]]:
+    """A hub with its own Redis, for tests that stop servers."""
+    redis = Redis(tmp_path)
+    redis.start()
+    env = base_env(SSEHUB_BROKER_URL=redis.url, SSEHUB_DATABASE_URL=fresh_database(pg_server),
+                   SSEHUB_PUBLIC_CHANNELS="*", SSEHUB_DRAIN_SECONDS="3",
+                   SSEHUB_DATA_DIR=str(tmp_path))
+    hub = Hub(tmp_path, env, workers=1)
+    hub.start()
+    yield redis, hub
+    hub.stop()
+    redis.stop()
+
+
+async def test_publish_answers_503_when_the_broker_is_down(lone_stack, client) -> None:  # type: ignore[no-untyped-def]
+    redis, hub = lone_stack
+    redis.stop()
+    response = await client.post(f"{hub.url}/publish/", json={"channel": "x", "data": "d"},
+                                 headers=auth(token(publish=["*"])))
+    assert response.status_code == 503 and response.headers["retry-after"]
+    ready = await client.get(f"{hub.url}/readyz")
+    assert ready.status_code == 503 and "redis" in ready.json()["error"]
+
+
+async def test_e2_sigterm_drains_open_streams_within_the_bound(lone_stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, hub = lone_stack
+    tails: list[bytes] = []
+
+    async def hold(i: int) -> None:
+        async with client.stream("GET", f"{hub.url}/events/?channel=drain.{i % 3}") as r:
+            data = b""
+            async for chunk in r.aiter_raw():
+                data += chunk
+            tails.append(data)
+
+    tasks = [asyncio.create_task(hold(i)) for i in range(20)]
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    assert hub.process is not None
+    hub.process.terminate()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    closed = time.monotonic() - started
+    await asyncio.to_thread(hub.process.wait, 10)
+    exited = time.monotonic() - started
+    assert len(tails) == 20 and all(t.endswith(b": draining, reconnect\n\n") for t in tails)
+    assert closed < 3.0 and exited < 3 + 5, (closed, exited)
