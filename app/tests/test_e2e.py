@@ -15,10 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from httpx_sse import aconnect_sse
-
 from conftest import SECRET, base_env, fresh_database
+from httpx_sse import aconnect_sse
 from servers import Hub, Nginx, Postgres, Redis
+
 from ssehub import tokens
 
 pytestmark = pytest.mark.asyncio
