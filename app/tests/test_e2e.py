@@ -178,8 +178,8 @@ async def test_i1_replay_then_live_without_gap_or_duplicate(stack, client) -> No
     channel = "i1.join"
     first = await publish(client, nginx.url, channel, "before")
     url = f"{nginx.url}/events/?channel={channel}"
-    reader = asyncio.create_task(read_events(
-        client, url, 21, {**auth(token(subscribe=[channel])), "Last-Event-ID": str(int(first) - 1)}))
+    headers = {**auth(token(subscribe=[channel])), "Last-Event-ID": str(int(first) - 1)}
+    reader = asyncio.create_task(read_events(client, url, 21, headers))
     published = [first]
     for i in range(20):  # publish while the reader replays and joins the live stream
         published.append(await publish(client, nginx.url, channel, f"live {i}"))
