@@ -70,14 +70,13 @@ async def publish(request: HttpRequest) -> HttpResponse:
         if length > config.max_event_bytes * 7 + 65536:
             raise PublishError(f"body is {length} bytes, far above SSEHUB_MAX_EVENT_BYTES", 413)
         body = _parse_body(request)
-        channel = body.get("channel")
         try:
-            channels.validate(channel)
+            channel = channels.validate(body.get("channel"))
         except channels.InvalidChannel as exc:
             raise PublishError(str(exc)) from None
         if not grant.may_publish(channel):
             return _error(403, f"token does not allow publishing to {channel}")
-        event_id = await apublish(channel, body.get("data"), body.get("event"),  # type: ignore[arg-type]
+        event_id = await apublish(channel, body.get("data"), body.get("event"),
                                   idempotency_key=request.headers.get("Idempotency-Key"))
     except PublishError as exc:
         return _error(exc.status, str(exc))
