@@ -1,0 +1,28 @@
+# Deployment targets (roles, lint, molecule scenarios). Included by the root
+# Makefile with `-include mk/cluster.mk`.
+
+VENV ?= .venv
+DEPLOY_BIN := $(CURDIR)/$(VENV)/bin
+DEPLOY_ENV := PATH=$(DEPLOY_BIN):$$PATH ANSIBLE_FORCE_COLOR=0 PY_COLORS=0
+CLUSTER_SCENARIOS ?= cluster single-host-caddy
+
+.PHONY: deploy-deps cluster-prepare test-cluster lint-deploy $(addprefix test-cluster-,$(CLUSTER_SCENARIOS))
+
+# Controller tool chain (ansible, molecule, testinfra, linters) in the venv.
+deploy-deps:
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	timeout 900 $(VENV)/bin/pip install -q -r requirements-deploy.txt
+
+# docker.io + debootstrap, dockerd running, the systemd base image (cached).
+cluster-prepare:
+	VENV=$(CURDIR)/$(VENV) timeout 1800 tests/cluster/prepare.sh
+
+# Both molecule scenarios from scratch: create, converge, idempotence, verify, destroy.
+test-cluster: cluster-prepare $(addprefix test-cluster-,$(CLUSTER_SCENARIOS))
+
+test-cluster-%:
+	cd tests/cluster && $(DEPLOY_ENV) timeout 1800 molecule test -s $*
+
+lint-deploy:
+	$(DEPLOY_ENV) timeout 600 yamllint -s site.yml roles inventories ansible tests/cluster
+	$(DEPLOY_ENV) timeout 900 ansible-lint site.yml roles ansible

@@ -1,0 +1,243 @@
+"""Shared helpers for the testinfra checks of the molecule scenarios.
+
+Expected values come from the same places the deploy reads them: the
+inventory's group_vars (linked into the scenario) over the roles' defaults,
+and the secrets the deploy generated on the controller. The cross-proxy tests
+talk to the proxy through its port published on 127.0.0.1 (SSEKIT_PROXY_PORT),
+like a browser outside the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import testinfra
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+GROUP_VARS = ROOT / "inventories" / "single-host" / "group_vars" / "all"
+EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent"))
+INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE", "")
+SECRETS = EPHEMERAL / "inventory" / ".secrets"
+PROXY_PORT = int(os.environ.get("SSEKIT_PROXY_PORT", "18443"))
+SCENARIO = os.environ.get("MOLECULE_SCENARIO_NAME", "cluster")
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def setting(name: str) -> Any:
+    """Value of a deploy variable: inventory group_vars over role defaults."""
+    for path in sorted(GROUP_VARS.glob("*.yml")):
+        data = _load_yaml(path)
+        if name in data:
+            return data[name]
+    scenario_vars = os.environ.get("SSEKIT_EXTRA_VARS")
+    if scenario_vars and name in json.loads(scenario_vars):
+        return json.loads(scenario_vars)[name]
+    role = name.split("_", 1)[0]
+    defaults = _load_yaml(ROOT / "roles" / role / "defaults" / "main.yml")
+    return defaults[name]
+
+
+def secret(name: str) -> str:
+    """A secret the deploy generated on the controller (password lookup)."""
+    return (SECRETS / name).read_text().split()[0]
+
+
+def get_host(name: str) -> testinfra.host.Host:
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+
+
+def hosts_in(group: str) -> list[str]:
+    inv = _load_yaml(Path(INVENTORY)) if INVENTORY else {}
+    found: set[str] = set()
+
+    def walk(node: dict[str, Any], inside: bool) -> None:
+        for h in (node.get("hosts") or {}):
+            if inside:
+                found.add(h)
+        for child, sub in (node.get("children") or {}).items():
+            walk(sub or {}, inside or child == group)
+
+    for top in inv.values():
+        walk(top or {}, group == "all")
+    return sorted(found)
+
+
+PUBLIC_HOST: str = setting("ssekit_public_hostname")
+
+
+def token(publish: list[str] | None = None, subscribe: list[str] | None = None, ttl: int = 600) -> str:
+    claims = {
+        "exp": int(time.time()) + ttl,
+        "ssehub": {"publish": publish or [], "subscribe": subscribe or []},
+    }
+    return jwt.encode(claims, secret("ssehub_token_secret"), algorithm="HS256")
+
+
+def client(**kwargs: Any) -> httpx.Client:
+    """HTTPS client for the proxy: loopback port, the public name as Host and SNI."""
+    return httpx.Client(
+        base_url=f"https://127.0.0.1:{PROXY_PORT}",
+        headers={"Host": PUBLIC_HOST},
+        verify=False,
+        timeout=httpx.Timeout(10.0, read=60.0),
+        **kwargs,
+    )
+
+
+def ext() -> dict[str, Any]:
+    return {"sni_hostname": PUBLIC_HOST}
+
+
+def publish(channel: str, data: str, event: str = "message", idempotent: bool = True) -> str:
+    """Publish like a careful client: with a unique Idempotency-Key, so that a
+    retried request cannot store the event twice."""
+    headers = {"Authorization": f"Bearer {token(publish=[channel])}"}
+    if idempotent:
+        headers["Idempotency-Key"] = uuid.uuid4().hex
+    with client() as c:
+        r = c.post(
+            "/publish/",
+            json={"channel": channel, "event": event, "data": data},
+            headers=headers,
+            extensions=ext(),
+        )
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+@dataclass
+class Event:
+    id: str | None
+    event: str
+    data: str
+    at: float
+
+
+@dataclass
+class Stream:
+    """An EventSource-like reader in a thread: parses frames, reconnects with
+    Last-Event-ID when the stream ends, records what it saw."""
+
+    channel: str
+    last_event_id: str | None = None
+    reconnect: bool = True
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    events: queue.Queue[Event] = field(default_factory=queue.Queue)
+    comments: list[tuple[float, str]] = field(default_factory=list)
+    headers: list[httpx.Headers] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    connects: int = 0
+    opened: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Stream:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self.opened.wait(10), "stream did not open within 10 s"
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 300  # never outlive a test run
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            headers = {
+                "Accept": "text/event-stream",
+                "Authorization": f"Bearer {token(subscribe=[self.channel])}",
+                **self.extra_headers,
+            }
+            if self.last_event_id:
+                headers["Last-Event-ID"] = self.last_event_id
+            try:
+                with client() as c, c.stream(
+                    "GET", "/events/", params={"channel": self.channel}, headers=headers, extensions=ext()
+                ) as r:
+                    self.connects += 1
+                    self.statuses.append(r.status_code)
+                    self.headers.append(r.headers)
+                    if r.status_code != 200:
+                        raise httpx.HTTPError(f"status {r.status_code}")
+                    self._read(r)
+            except httpx.HTTPError:
+                pass
+            if not self.reconnect:
+                break
+            time.sleep(0.3)
+
+    def _read(self, r: httpx.Response) -> None:
+        ev_id, ev_type, data = None, "message", []
+        for line in r.iter_lines():
+            if self._stop.is_set():
+                return
+            now = time.monotonic()
+            if line == "":
+                if data:
+                    if ev_id is not None:
+                        self.last_event_id = ev_id
+                    self.events.put(Event(ev_id, ev_type, "\n".join(data), now))
+                ev_id, ev_type, data = None, "message", []
+                continue
+            if line.startswith(":"):
+                self.comments.append((now, line))
+                self.opened.set()
+                continue
+            key, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if key == "data":
+                data.append(value)
+            elif key == "id":
+                ev_id = value
+            elif key == "event":
+                ev_type = value
+            elif key == "retry":
+                self.opened.set()
+
+    def next(self, timeout: float = 5.0) -> Event:
+        return self.events.get(timeout=timeout)
+
+    def drain_ids(self, until: float) -> list[str]:
+        ids: list[str] = []
+        while time.monotonic() < until:
+            try:
+                ev = self.events.get(timeout=max(0.05, until - time.monotonic()))
+            except queue.Empty:
+                break
+            if ev.id:
+                ids.append(ev.id)
+        return ids
+
+
+def new_channel(prefix: str = "private") -> str:
+    return f"{prefix}.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def stream_factory() -> Iterator[Any]:
+    streams: list[Stream] = []
+
+    def make(channel: str, **kwargs: Any) -> Stream:
+        s = Stream(channel=channel, **kwargs).start()
+        streams.append(s)
+        return s
+
+    yield make
+    for s in streams:
+        s.stop()

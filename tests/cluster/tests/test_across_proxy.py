@@ -1,0 +1,126 @@
+"""From outside the proxy host (the proxy's HTTPS port published on loopback):
+events published through /publish/ reach a stream through the proxy quickly,
+completely, with the right headers, and replay after a reconnect."""
+
+import subprocess
+import time
+
+import pytest
+
+from conftest import PROXY_PORT, PUBLIC_HOST, client, ext, new_channel, publish, setting, token
+
+
+def test_published_event_reaches_stream_through_proxy_within_1s(stream_factory):
+    channel = new_channel()
+    s = stream_factory(channel)
+    sent = time.monotonic()
+    event_id = publish(channel, "hello")
+    ev = s.next(timeout=5)
+    assert ev.data == "hello" and ev.id == event_id
+    assert ev.at - sent < 1.0, f"latency {ev.at - sent:.3f} s"
+
+
+def test_publish_without_idempotency_key_is_allowed_by_the_redis_acl(stream_factory):
+    """The deployed Redis ACL confines the app to keys under ssehub:; a publish
+    without Idempotency-Key must still be stored and delivered."""
+    channel = new_channel()
+    s = stream_factory(channel)
+    event_id = publish(channel, "plain", idempotent=False)
+    assert s.next(timeout=5).id == event_id
+
+
+def test_events_at_1_per_second_arrive_without_buffering(stream_factory):
+    """A1: each event arrives on its own, not in a burst at the end."""
+    channel = new_channel()
+    s = stream_factory(channel)
+    for i in range(5):
+        sent = time.monotonic()
+        publish(channel, f"tick {i}")
+        ev = s.next(timeout=5)
+        assert ev.data == f"tick {i}"
+        assert ev.at - sent < 1.0, f"event {i} took {ev.at - sent:.3f} s"
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - sent)))
+
+
+def test_stream_headers_and_no_compression_when_client_asks_for_it(stream_factory):
+    """Hub contract headers; A6: no Content-Encoding for gzip/br/zstd clients."""
+    channel = new_channel()
+    s = stream_factory(channel, extra_headers={"Accept-Encoding": "gzip, br, zstd"})
+    headers = s.headers[0]
+    assert headers["content-type"].startswith("text/event-stream")
+    assert "no-cache" in headers.get("cache-control", "") or "no-store" in headers.get("cache-control", "")
+    assert "content-encoding" not in headers
+    sent = time.monotonic()
+    publish(channel, "compressed?")
+    assert s.next(timeout=5).at - sent < 1.0
+
+
+def test_stream_is_served_over_http2_without_hop_by_hop_headers():
+    """D2/D3 and D4: HTTP/2 at the proxy; no Connection header on the stream."""
+    channel = new_channel("public")
+    out = subprocess.run(
+        ["curl", "-skN", "--http2", "-m", "3", "-D", "-", "-o", "/dev/null",
+         "--resolve", f"{PUBLIC_HOST}:{PROXY_PORT}:127.0.0.1",
+         f"https://{PUBLIC_HOST}:{PROXY_PORT}/events/?channel={channel}"],
+        capture_output=True, text=True, timeout=10,
+    ).stdout
+    assert out.startswith("HTTP/2 200"), out
+    assert "connection:" not in out.lower()
+
+
+def test_headers_and_first_bytes_arrive_at_once_on_a_quiet_stream():
+    """A3: retry and a comment are sent before any event."""
+    channel = new_channel()
+    started = time.monotonic()
+    with client() as c, c.stream(
+        "GET", "/events/", params={"channel": channel},
+        headers={"Authorization": f"Bearer {token(subscribe=[channel])}"}, extensions=ext(),
+    ) as r:
+        assert r.status_code == 200
+        first = next(r.iter_lines())
+        assert time.monotonic() - started < 1.0
+        assert first.startswith(("retry:", ":"))
+
+
+def test_heartbeats_arrive_on_an_idle_stream(stream_factory):
+    """A2: comments arrive within the heartbeat interval while nothing is published."""
+    heartbeat = int(setting("ssehub_heartbeat"))
+    s = stream_factory(new_channel())
+    opened = time.monotonic()
+    time.sleep(heartbeat + 3)
+    assert any(at > opened + 0.5 for at, _ in s.comments), s.comments
+    assert s.connects == 1
+
+
+def test_last_event_id_replays_the_gap_through_the_proxy(stream_factory):
+    """I1: a client that reconnects with Last-Event-ID gets exactly what it missed."""
+    channel = new_channel()
+    ids = [publish(channel, f"m{i}") for i in range(4)]
+    s = stream_factory(channel, last_event_id=ids[0], reconnect=False)
+    got = [s.next(timeout=5) for _ in range(3)]
+    assert [e.id for e in got] == ids[1:]
+    assert [e.data for e in got] == ["m1", "m2", "m3"]
+
+
+def test_stream_without_token_on_private_channel_is_refused():
+    """F7: 401/403, never a redirect."""
+    with client() as c:
+        r = c.get("/events/", params={"channel": new_channel()}, extensions=ext(), follow_redirects=False)
+    assert r.status_code in (401, 403)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_endpoints_through_proxy(path):
+    with client() as c:
+        assert c.get(path, extensions=ext()).status_code == 200
+
+
+def test_plain_http_redirects_to_https():
+    port = PROXY_PORT - 363  # published 80 (18080 for 18443, 28080 for 28443)
+    out = subprocess.run(
+        ["curl", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+         "-H", f"Host: {PUBLIC_HOST}", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, timeout=10,
+    ).stdout
+    code, _, location = out.partition(" ")
+    assert code in ("301", "302", "308") and location.startswith("https://"), out

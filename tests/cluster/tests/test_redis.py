@@ -1,0 +1,57 @@
+"""redis role: private address only, ACL user limited to the hub's needs, AOF,
+noeviction, pub/sub buffer limits, read from the running server."""
+
+import shlex
+
+from conftest import secret, setting
+
+testinfra_hosts = ["redis"]
+
+
+def cli(host, *args, user="admin", password_secret="redis_admin_password"):
+    cmd = ["redis-cli", "--no-auth-warning", "--user", user, "--pass", secret(password_secret), *args]
+    return host.run(shlex.join(cmd))
+
+
+def test_redis_is_enabled_and_running(host):
+    svc = host.service("redis-server")
+    assert svc.is_enabled and svc.is_running
+
+
+def test_redis_listens_on_loopback_and_private_address_only(host):
+    addrs = [line.split()[3] for line in host.check_output("ss -Htln").splitlines()]
+    ports = [a for a in addrs if a.endswith(":6379")]
+    assert ports and not any(a.startswith(("0.0.0.0", "*", "[::]")) for a in ports), ports
+
+
+def test_redis_config_in_effect(host):
+    def get(name):
+        return cli(host, "CONFIG", "GET", name).stdout.split("\n")[1].strip()
+
+    assert get("maxmemory-policy") == setting("redis_maxmemory_policy")
+    assert get("appendonly") == "yes"
+    hard, soft, seconds = setting("redis_pubsub_buffer_limit").split()
+    limits = get("client-output-buffer-limit")  # bytes: "... pubsub 67108864 16777216 60"
+    pubsub = limits.split("pubsub")[1].split()[:3]
+    assert pubsub == [str(_bytes(hard)), str(_bytes(soft)), seconds]
+
+
+def _bytes(size):
+    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3}
+    for unit, factor in units.items():
+        if size.lower().endswith(unit):
+            return int(size[: -len(unit)]) * factor
+    return int(size)
+
+
+def test_redis_default_user_is_disabled(host):
+    out = cli(host, "ACL", "GETUSER", "default").stdout
+    assert "off" in out
+
+
+def test_redis_app_user_is_confined_to_the_hub_prefix(host):
+    app = dict(user=setting("redis_app_user"), password_secret="redis_app_password")
+    assert cli(host, "SET", "ssehub:probe", "1", **app).stdout.strip() == "OK"
+    assert "NOPERM" in cli(host, "SET", "other:probe", "1", **app).stdout
+    assert "NOPERM" in cli(host, "FLUSHALL", **app).stdout
+    assert "NOPERM" in cli(host, "KEYS", "*", **app).stdout

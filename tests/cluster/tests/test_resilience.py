@@ -1,0 +1,129 @@
+"""Failover between app hosts and proxy reloads with open streams: clients
+resume through the proxy and no event is lost (ids compared)."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from conftest import get_host, hosts_in, new_channel, publish, setting
+
+PUBLISH_INTERVAL = 0.2
+
+
+def publisher(channel, stop, ids):
+    n = 0
+    deadline = time.monotonic() + 60
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            ids.append(publish(channel, f"p{n}"))
+        except AssertionError:
+            pass  # a refused publish is not an event; only stored ids count
+        n += 1
+        time.sleep(PUBLISH_INTERVAL)
+
+
+def open_streams(name):
+    out = get_host(name).run("curl -sS -m 3 http://127.0.0.1:%s/readyz", setting("ssehub_port")).stdout
+    try:
+        return int(json.loads(out).get("open_streams", 0))
+    except ValueError:
+        return 0
+
+
+def wait_ready(name, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if get_host(name).run("curl -fsS -m 3 http://127.0.0.1:%s/readyz", setting("ssehub_port")).rc == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"{name} not ready after {timeout} s")
+
+
+@pytest.mark.skipif(len(hosts_in("app")) < 2, reason="failover needs two app hosts")
+def test_failover_stop_app_holding_stream_loses_no_event(stream_factory):
+    channel = new_channel()
+    s = stream_factory(channel)
+    time.sleep(0.5)
+    holders = [h for h in hosts_in("app") if open_streams(h) > 0]
+    assert len(holders) == 1, f"stream holders: {holders}"
+    holder = holders[0]
+    ids, stop = [], threading.Event()
+    t = threading.Thread(target=publisher, args=(channel, stop, ids), daemon=True)
+    t.start()
+    try:
+        time.sleep(1)
+        get_host(holder).check_output("systemctl stop ssehub")
+        time.sleep(3)
+    finally:
+        stop.set()
+        t.join(10)
+        get_host(holder).run("systemctl start ssehub")
+    got = s.drain_ids(until=time.monotonic() + 8)
+    assert s.connects >= 2, "the client never reconnected"
+    missing = [i for i in ids if i not in got]
+    assert not missing, f"lost {len(missing)} of {len(ids)} events: {missing[:5]}"
+    assert len(got) == len(set(got)), "duplicates delivered"
+    wait_ready(holder)
+
+
+def proxy_name():
+    return hosts_in("proxy")[0]
+
+
+def test_nginx_reload_finishes_with_open_streams(stream_factory):
+    """A9: old workers exit within worker_shutdown_timeout; clients resume without gaps."""
+    if setting("ssehub_proxy") != "nginx" and not hosts_in("proxy"):
+        pytest.skip("nginx only")
+    proxy = get_host(proxy_name())
+    if not proxy.exists("nginx"):
+        pytest.skip("the proxy is not nginx")
+    channel = new_channel()
+    streams = [stream_factory(channel) for _ in range(3)]
+    ids, stop = [], threading.Event()
+    t = threading.Thread(target=publisher, args=(channel, stop, ids), daemon=True)
+    t.start()
+    try:
+        time.sleep(1)
+        proxy.check_output("nginx -s reload")
+        bound = int(setting("nginx_worker_shutdown_timeout")) + 5
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline:
+            if proxy.run("pgrep -f 'nginx: worker process is shutting down'").rc != 0:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"old nginx workers still alive after {bound} s")
+        time.sleep(1)
+    finally:
+        stop.set()
+        t.join(10)
+    for s in streams:
+        got = s.drain_ids(until=time.monotonic() + 5)
+        missing = [i for i in ids if i not in got]
+        assert not missing, f"lost {len(missing)} of {len(ids)}"
+
+
+def test_caddy_reload_finishes_with_open_streams(stream_factory):
+    """C4: a reload with open streams completes within the grace period."""
+    proxy = get_host(proxy_name())
+    if not proxy.exists("caddy"):
+        pytest.skip("the proxy is not caddy")
+    channel = new_channel()
+    s = stream_factory(channel)
+    ids, stop = [], threading.Event()
+    t = threading.Thread(target=publisher, args=(channel, stop, ids), daemon=True)
+    t.start()
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        proxy.check_output("systemctl reload caddy")
+        assert time.monotonic() - started < 30
+        time.sleep(2)
+    finally:
+        stop.set()
+        t.join(10)
+    got = s.drain_ids(until=time.monotonic() + 5)
+    missing = [i for i in ids if i not in got]
+    assert not missing, f"lost {len(missing)} of {len(ids)}"

@@ -1,0 +1,51 @@
+"""ssehub role on app hosts: service, hardening, env file, health."""
+
+import json
+
+from conftest import setting
+
+testinfra_hosts = ["app"]
+
+
+def test_ssehub_is_enabled_and_running(host):
+    svc = host.service("ssehub")
+    assert svc.is_enabled and svc.is_running
+
+
+def test_ssehub_is_ready(host):
+    out = json.loads(host.check_output("curl -fsS -m 5 http://127.0.0.1:%s/readyz", setting("ssehub_port")))
+    assert out["status"] == "ready"
+
+
+def test_env_file_is_readable_only_by_the_service(host):
+    f = host.file("/etc/ssehub/ssehub.env")
+    assert f.user == setting("ssehub_user") and f.mode == 0o600
+
+
+def test_stop_timeout_exceeds_the_drain(host):
+    usec = host.check_output("systemctl show ssehub --property TimeoutStopUSec --value")
+    seconds = int(usec.rstrip("s")) if usec.endswith("s") and "min" not in usec else None
+    if seconds is None:  # e.g. "20s" or "1min 10s"
+        parts = dict(p[-1:] == "s" and ("s", p) or ("m", p) for p in usec.split())
+        seconds = sum(int(v.replace("min", "")) * 60 if "min" in v else int(v.rstrip("s")) for v in parts.values())
+    assert seconds > int(setting("ssehub_drain_seconds"))
+
+
+def test_running_service_has_the_nofile_limit(host):
+    pid = host.check_output("systemctl show ssehub --property MainPID --value")
+    limits = host.file(f"/proc/{pid}/limits").content_string
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert int(line.split()[3]) == int(setting("ssehub_nofile_limit"))
+
+
+def test_unit_is_hardened(host):
+    out = host.run("systemd-analyze security ssehub --no-pager")
+    # "Overall exposure level for ssehub.service: 2.1 OK"
+    level = float(out.stdout.strip().splitlines()[-1].split(":")[1].split()[0])
+    assert level <= 3.0, out.stdout[-400:]
+
+
+def test_service_runs_as_its_own_user_with_no_new_privileges(host):
+    props = host.check_output("systemctl show ssehub --property User,NoNewPrivileges,ProtectSystem")
+    assert f"User={setting('ssehub_user')}" in props
+    assert "NoNewPrivileges=yes" in props and "ProtectSystem=strict" in props
