@@ -63,19 +63,28 @@ def get_host(name: str) -> testinfra.host.Host:
 
 
 def hosts_in(group: str) -> list[str]:
+    """Hosts of an inventory group (molecule writes groups at the top level)."""
     inv = _load_yaml(Path(INVENTORY)) if INVENTORY else {}
     found: set[str] = set()
 
     def walk(node: dict[str, Any], inside: bool) -> None:
-        for h in (node.get("hosts") or {}):
-            if inside:
-                found.add(h)
+        if inside:
+            found.update(node.get("hosts") or {})
         for child, sub in (node.get("children") or {}).items():
             walk(sub or {}, inside or child == group)
 
-    for top in inv.values():
-        walk(top or {}, group == "all")
+    for name, node in inv.items():
+        walk(node or {}, group in ("all", name))
     return sorted(found)
+
+
+def nofile_expected(host: Any, wanted: int) -> int:
+    """A service's open-file limit: what the role set, capped by the hard
+    limit of PID 1 (a container cannot raise it past its own)."""
+    limits = host.file("/proc/1/limits").content_string
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    hard = line.split()[4]
+    return wanted if hard == "unlimited" else min(wanted, int(hard))
 
 
 PUBLIC_HOST: str = setting("ssekit_public_hostname")

@@ -3,7 +3,7 @@ running workers, stub_status on loopback only."""
 
 import pytest
 
-from conftest import setting
+from conftest import nofile_expected, setting
 
 testinfra_hosts = ["proxy"]
 
@@ -42,7 +42,7 @@ def test_running_workers_have_the_nofile_limit(host):
     pid = host.check_output("pgrep -f 'nginx: worker process' | head -1")
     limits = host.file(f"/proc/{pid}/limits").content_string
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
-    assert int(line.split()[3]) == int(setting("nginx_worker_rlimit_nofile"))
+    assert int(line.split()[3]) == nofile_expected(host, int(setting("nginx_worker_rlimit_nofile")))
 
 
 def test_stub_status_answers_on_loopback_only(host):

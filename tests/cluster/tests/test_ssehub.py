@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import setting
+from conftest import nofile_expected, setting
 
 testinfra_hosts = ["app"]
 
@@ -13,7 +13,7 @@ def test_ssehub_is_enabled_and_running(host):
 
 
 def test_ssehub_is_ready(host):
-    out = json.loads(host.check_output("curl -fsS -m 5 http://127.0.0.1:%s/readyz", setting("ssehub_port")))
+    out = json.loads(host.check_output(f"curl -fsS -m 5 http://127.0.0.1:{setting('ssehub_port')}/readyz"))
     assert out["status"] == "ready"
 
 
@@ -35,7 +35,7 @@ def test_running_service_has_the_nofile_limit(host):
     pid = host.check_output("systemctl show ssehub --property MainPID --value")
     limits = host.file(f"/proc/{pid}/limits").content_string
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
-    assert int(line.split()[3]) == int(setting("ssehub_nofile_limit"))
+    assert int(line.split()[3]) == nofile_expected(host, int(setting("ssehub_nofile_limit")))
 
 
 def test_unit_is_hardened(host):
