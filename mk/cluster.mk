@@ -24,5 +24,5 @@ test-cluster-%:
 	cd tests/cluster && $(DEPLOY_ENV) timeout 1800 molecule test -s $*
 
 lint-deploy:
-	$(DEPLOY_ENV) timeout 600 yamllint -s site.yml roles inventories ansible tests/cluster
-	$(DEPLOY_ENV) timeout 900 ansible-lint site.yml roles ansible
+	$(DEPLOY_ENV) timeout 600 yamllint -s site.yml roles inventories ansible tests/cluster .yamllint .ansible-lint
+	$(DEPLOY_ENV) timeout 900 ansible-lint site.yml roles ansible tests/cluster/molecule
