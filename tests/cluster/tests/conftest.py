@@ -41,13 +41,13 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 def setting(name: str) -> Any:
     """Value of a deploy variable: inventory group_vars over role defaults."""
+    scenario_vars = json.loads(os.environ.get("SSEKIT_EXTRA_VARS") or "{}")
+    if name in scenario_vars:  # the scenario's host_vars win, as in Ansible
+        return scenario_vars[name]
     for path in sorted(GROUP_VARS.glob("*.yml")):
         data = _load_yaml(path)
         if name in data:
             return data[name]
-    scenario_vars = os.environ.get("SSEKIT_EXTRA_VARS")
-    if scenario_vars and name in json.loads(scenario_vars):
-        return json.loads(scenario_vars)[name]
     role = name.split("_", 1)[0]
     defaults = _load_yaml(ROOT / "roles" / role / "defaults" / "main.yml")
     return defaults[name]
