@@ -6,7 +6,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import PROXY_PORT, PUBLIC_HOST, client, ext, new_channel, publish, setting, token
 
 

@@ -5,8 +5,6 @@ import json
 
 import pytest
 
-from conftest import setting
-
 testinfra_hosts = ["proxy"]
 
 

@@ -2,7 +2,6 @@
 only from proxies."""
 
 import pytest
-
 from conftest import get_host, hosts_in, setting
 
 

@@ -2,7 +2,6 @@
 running workers, stub_status on loopback only."""
 
 import pytest
-
 from conftest import nofile_expected, setting
 
 testinfra_hosts = ["proxy"]

@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import get_host, hosts_in, new_channel, publish, setting
 
 PUBLISH_INTERVAL = 0.2

@@ -26,7 +26,7 @@ def test_stop_timeout_exceeds_the_drain(host):
     usec = host.check_output("systemctl show ssehub --property TimeoutStopUSec --value")
     seconds = int(usec.rstrip("s")) if usec.endswith("s") and "min" not in usec else None
     if seconds is None:  # e.g. "20s" or "1min 10s"
-        parts = dict(p[-1:] == "s" and ("s", p) or ("m", p) for p in usec.split())
+        parts = dict((p[-1:] == "s" and ("s", p)) or ("m", p) for p in usec.split())
         seconds = sum(int(v.replace("min", "")) * 60 if "min" in v else int(v.rstrip("s")) for v in parts.values())
     assert seconds > int(setting("ssehub_drain_seconds"))
 
