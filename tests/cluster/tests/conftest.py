@@ -90,7 +90,9 @@ def nofile_expected(host: Any, wanted: int) -> int:
 PUBLIC_HOST: str = setting("ssekit_public_hostname")
 
 
-def token(publish: list[str] | None = None, subscribe: list[str] | None = None, ttl: int = 600) -> str:
+def token(
+    publish: list[str] | None = None, subscribe: list[str] | None = None, ttl: int = 600
+) -> str:
     claims = {
         "exp": int(time.time()) + ttl,
         "ssehub": {"publish": publish or [], "subscribe": subscribe or []},
@@ -103,7 +105,7 @@ def client(**kwargs: Any) -> httpx.Client:
     return httpx.Client(
         base_url=f"https://127.0.0.1:{PROXY_PORT}",
         headers={"Host": PUBLIC_HOST},
-        verify=False,
+        verify=False,  # noqa: S501  self-signed or internal-CA test certificates
         timeout=httpx.Timeout(10.0, read=60.0),
         **kwargs,
     )
@@ -177,7 +179,8 @@ class Stream:
                 headers["Last-Event-ID"] = self.last_event_id
             try:
                 with client() as c, c.stream(
-                    "GET", "/events/", params={"channel": self.channel}, headers=headers, extensions=ext()
+                    "GET", "/events/", params={"channel": self.channel},
+                    headers=headers, extensions=ext(),
                 ) as r:
                     self.connects += 1
                     self.statuses.append(r.status_code)

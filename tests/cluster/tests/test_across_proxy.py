@@ -47,7 +47,8 @@ def test_stream_headers_and_no_compression_when_client_asks_for_it(stream_factor
     s = stream_factory(channel, extra_headers={"Accept-Encoding": "gzip, br, zstd"})
     headers = s.headers[0]
     assert headers["content-type"].startswith("text/event-stream")
-    assert "no-cache" in headers.get("cache-control", "") or "no-store" in headers.get("cache-control", "")
+    cache_control = headers.get("cache-control", "")
+    assert "no-cache" in cache_control or "no-store" in cache_control
     assert "content-encoding" not in headers
     sent = time.monotonic()
     publish(channel, "compressed?")
@@ -104,7 +105,8 @@ def test_last_event_id_replays_the_gap_through_the_proxy(stream_factory):
 def test_stream_without_token_on_private_channel_is_refused():
     """F7: 401/403, never a redirect."""
     with client() as c:
-        r = c.get("/events/", params={"channel": new_channel()}, extensions=ext(), follow_redirects=False)
+        r = c.get("/events/", params={"channel": new_channel()}, extensions=ext(),
+                  follow_redirects=False)
     assert r.status_code in (401, 403)
 
 

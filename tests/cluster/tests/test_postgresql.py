@@ -1,12 +1,18 @@
 """postgresql role: private address, scram-sha-256, app role and limits in effect."""
 
+import shlex
+
 from conftest import setting
 
 testinfra_hosts = ["postgres"]
 
 
-def psql(host, sql):
-    return host.check_output(f"runuser -u postgres -- psql -XAtc \"{sql}\"")
+def psql(host, sql, **params):
+    """Run SQL as postgres; values are psql variables (:'name'), quoted by psql."""
+    args = " ".join(f"-v {k}={shlex.quote(str(v))}" for k, v in params.items())
+    return host.check_output(
+        f"printf '%s\\n' {shlex.quote(sql)} | runuser -u postgres -- psql -XAtq {args} -f -"
+    )
 
 
 def test_postgresql_is_running(host):
@@ -18,21 +24,18 @@ def test_postgresql_settings_in_effect(host):
     assert psql(host, "SHOW password_encryption") == "scram-sha-256"
     listen = psql(host, "SHOW listen_addresses")
     assert "localhost" in listen and "*" not in listen
-    assert int(psql(host, "SHOW max_connections")) > int(
-        psql(host, f"SELECT rolconnlimit FROM pg_roles WHERE rolname = '{setting('postgresql_app_user')}'")
-    )
+    limit = psql(host, "SELECT rolconnlimit FROM pg_roles WHERE rolname = :'role'",
+                 role=setting("postgresql_app_user"))
+    assert int(psql(host, "SHOW max_connections")) > int(limit) > 0
 
 
 def test_app_role_owns_its_database(host):
-    owner = psql(
-        host,
-        "SELECT pg_get_userbyid(datdba) FROM pg_database "
-        f"WHERE datname = '{setting('postgresql_app_database')}'",
-    )
+    owner = psql(host, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = :'db'",
+                 db=setting("postgresql_app_database"))
     assert owner == setting("postgresql_app_user")
 
 
 def test_app_role_uses_scram(host):
-    assert psql(
-        host, f"SELECT left(rolpassword, 13) FROM pg_authid WHERE rolname = '{setting('postgresql_app_user')}'"
-    ) == "SCRAM-SHA-256"
+    kind = psql(host, "SELECT left(rolpassword, 13) FROM pg_authid WHERE rolname = :'role'",
+                role=setting("postgresql_app_user"))
+    assert kind == "SCRAM-SHA-256"

@@ -8,8 +8,12 @@ from conftest import secret, setting
 testinfra_hosts = ["redis"]
 
 
-def cli(host, *args, user="admin", password_secret="redis_admin_password"):
-    cmd = ["redis-cli", "--no-auth-warning", "--user", user, "--pass", secret(password_secret), *args]
+ADMIN = ("admin", "redis_admin_password")  # ACL user and the name of its secret file
+
+
+def cli(host, *args, login=ADMIN):
+    user, secret_name = login
+    cmd = ["redis-cli", "--no-auth-warning", "--user", user, "--pass", secret(secret_name), *args]
     return host.run(shlex.join(cmd))
 
 
@@ -50,7 +54,7 @@ def test_redis_default_user_is_disabled(host):
 
 
 def test_redis_app_user_is_confined_to_the_hub_prefix(host):
-    app = dict(user=setting("redis_app_user"), password_secret="redis_app_password")
+    app = {"login": (setting("redis_app_user"), "redis_app_password")}
     assert cli(host, "SET", "ssehub:probe", "1", **app).stdout.strip() == "OK"
     assert "NOPERM" in cli(host, "SET", "other:probe", "1", **app).stdout
     assert "NOPERM" in cli(host, "FLUSHALL", **app).stdout

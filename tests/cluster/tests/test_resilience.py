@@ -35,7 +35,8 @@ def open_streams(name):
 def wait_ready(name, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if get_host(name).run(f"curl -fsS -m 3 http://127.0.0.1:{setting('ssehub_port')}/readyz").rc == 0:
+        url = f"http://127.0.0.1:{setting('ssehub_port')}/readyz"
+        if get_host(name).run(f"curl -fsS -m 3 {url}").rc == 0:
             return
         time.sleep(1)
     raise AssertionError(f"{name} not ready after {timeout} s")
