@@ -20,9 +20,11 @@ cluster-prepare:
 # Both molecule scenarios from scratch: create, converge, idempotence, verify, destroy.
 test-cluster: cluster-prepare $(addprefix test-cluster-,$(CLUSTER_SCENARIOS))
 
-test-cluster-%:
+# A static pattern rule: plain pattern rules are never used for .PHONY targets.
+$(addprefix test-cluster-,$(CLUSTER_SCENARIOS)): test-cluster-%:
 	cd tests/cluster && $(DEPLOY_ENV) timeout 1800 molecule test -s $*
 
 lint-deploy:
 	$(DEPLOY_ENV) timeout 600 yamllint -s site.yml roles inventories ansible tests/cluster .yamllint .ansible-lint
 	$(DEPLOY_ENV) timeout 900 ansible-lint site.yml roles ansible tests/cluster/molecule
+	$(DEPLOY_ENV) timeout 300 pytest -q -p no:cacheprovider tests/cluster/test_roles_static.py
