@@ -72,8 +72,8 @@ class Redis:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.dir), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL)
+             "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: port_open(self.port), what="redis")
 
     def stop(self) -> None:

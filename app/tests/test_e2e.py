@@ -292,7 +292,7 @@ async def test_publish_errors(stack, client) -> None:  # type: ignore[no-untyped
         (good, {"json": {"channel": "pub.x"}}, 400),
         (good, {"json": {"channel": 5, "data": "d"}}, 400),
         (good, {"content": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}, 400),
-        (good, {"content": b"raw", "headers": {"Content-Type": "text/plain"}}, 400),
+        (good, {"content": b"raw", "headers": {"Content-Type": "text/plain"}}, 415),
         (good, {"json": {"channel": "pub.x", "data": "x" * 65537}}, 413),
     ]
     for headers, kwargs, status in cases:

@@ -1,4 +1,4 @@
-"""The ASGI application: ``/events/`` on the thin stream path, the rest in Django.
+"""The ASGI application: ``/events/`` and ``/publish/`` on thin paths, the rest in Django.
 
 Lifespan starts the hub (the broker listener) before the first request and
 hooks SIGTERM: the server's own handler still runs (it stops accepting and
@@ -20,12 +20,14 @@ from django.core.asgi import get_asgi_application
 
 from . import metrics
 from .hub import ensure_hub, get_hub, shutdown_hub
+from .ingest import publish_app
 from .stream import Receive, Scope, Send, stream_app
 
 log = logging.getLogger(__name__)
 
 django_app = get_asgi_application()
 STREAM_PATH = "/events/"
+PUBLISH_PATH = "/publish/"
 
 
 def begin_drain() -> None:
@@ -73,6 +75,8 @@ async def lifespan(receive: Receive, send: Send) -> None:
 async def application(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "http" and scope["path"] == STREAM_PATH:
         await stream_app(scope, receive, send)
+    elif scope["type"] == "http" and scope["path"] == PUBLISH_PATH:
+        await publish_app(scope, receive, send)
     elif scope["type"] == "lifespan":
         await lifespan(receive, send)
     else:

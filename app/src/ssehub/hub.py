@@ -41,10 +41,11 @@ LISTEN_TIMEOUT = 5.0
 class Frame:
     """A fixed frame with no id (heartbeats, the drain comment)."""
 
-    __slots__ = ("frame", "id")
+    __slots__ = ("chunk", "frame", "id")
 
     def __init__(self, frame: bytes) -> None:
         self.frame = frame
+        self.chunk = sse.chunked(frame)
         self.id: int | None = None
 
 
@@ -55,7 +56,8 @@ DRAINING = Frame(sse.DRAINING)
 class Subscriber:
     """One open stream. Only its own coroutine reads ``buf``; the hub appends."""
 
-    __slots__ = ("buf", "channels", "closed", "dropped", "limit", "task", "waiter")
+    __slots__ = ("buf", "channels", "chunked", "closed", "cycle", "dropped", "limit", "task",
+                 "waiter")
 
     def __init__(self, channels: tuple[str, ...], limit: int,
                  task: asyncio.Task[Any] | None = None) -> None:
@@ -67,9 +69,20 @@ class Subscriber:
         self.dropped = False
         # The stream's task, cancelled when it is dropped while blocked in send.
         self.task = task
+        # Direct write (stream.direct_cycle): uvicorn's response cycle, set once the
+        # headers are out and the replay is done; None means "wake the task instead".
+        self.cycle: Any = None
+        self.chunked = True
 
     def push(self, item: Any) -> None:
         if self.closed:
+            return
+        cycle = self.cycle
+        if (cycle is not None and not self.buf and not cycle.flow.write_paused
+                and not cycle.disconnected):
+            # The hot path: the frame built once goes straight to the socket; no task
+            # switch per subscriber per event. Anything else queues for the task.
+            cycle.transport.write(item.chunk if self.chunked else item.frame)
             return
         buf = self.buf
         if len(buf) >= self.limit:

@@ -50,9 +50,6 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 STATIC_URL = "/static/"
 STATIC_ROOT = _config.static_root
-# Leave room for the JSON or form framing around the largest accepted event; the
-# publish view answers 413 itself with a clear reason.
-DATA_UPLOAD_MAX_MEMORY_SIZE = _config.max_event_bytes * 7 + 65536
 
 USE_TZ = True
 TIME_ZONE = "UTC"

@@ -32,9 +32,16 @@ class Event:
     id: int | None = None
     published_at: float | None = None
     frame: bytes = field(init=False, repr=False, compare=False)
+    chunk: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.frame = encode(self.data, self.event, self.id)
+        self.chunk = chunked(self.frame)
+
+
+def chunked(frame: bytes) -> bytes:
+    """The frame as one HTTP/1.1 chunk, built once so fan-out writes it as it is."""
+    return b"%x\r\n%b\r\n" % (len(frame), frame)
 
 
 def encode(data: str, event: str | None = None, event_id: int | str | None = None) -> bytes:

@@ -5,7 +5,6 @@ from . import views
 urlpatterns = [
     path("", views.chat, name="chat"),
     path("chat/messages/", views.chat_post, name="chat-post"),
-    path("publish/", views.publish, name="publish"),
     path("healthz", views.healthz),
     path("readyz", views.readyz),
     path("metrics", views.metrics_view),

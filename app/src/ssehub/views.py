@@ -1,29 +1,24 @@
-"""Django views: publish, health, readiness, metrics and the chat demo.
+"""Django views: health, readiness, metrics and the chat demo.
 
-``POST /publish/`` never answers 500: every failure maps to a status with a
-short JSON reason (400 bad input, 401/403 token, 413 too large, 503 broker).
+``/events/`` and ``/publish/`` are served on the thin ASGI path (stream.py,
+ingest.py); ``asgi.py`` routes them before Django.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
-from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from . import channels, conf, metrics, tokens
-from .api import apublish
+from . import conf, metrics, tokens
 from .brokers import BrokerUnavailable
 from .hub import ensure_hub
 from .models import Message
-from .publishing import PublishError
-from .stream import COOKIE_NAME, bearer_token
+from .stream import COOKIE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -36,57 +31,6 @@ def _error(status: int, reason: str, **headers: str) -> JsonResponse:
         response[name.replace("_", "-")] = value
     response["Cache-Control"] = "no-store"
     return response
-
-
-def _parse_body(request: HttpRequest) -> dict[str, Any]:
-    content_type = request.content_type or ""
-    if content_type == "application/json":
-        try:
-            body = json.loads(request.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise PublishError(f"body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise PublishError("JSON body must be an object with channel, event and data")
-        return body
-    if content_type in {"application/x-www-form-urlencoded", "multipart/form-data"}:
-        return {key: request.POST.get(key) for key in ("channel", "event", "data")}
-    raise PublishError("send application/json or form fields (curl -d channel=... -d data=...)")
-
-
-@csrf_exempt
-@require_POST
-async def publish(request: HttpRequest) -> HttpResponse:
-    config = conf.get()
-    token = bearer_token(request.headers.get("Authorization"), None, None)
-    if token is None:
-        return _error(401, "a publisher token is required: Authorization: Bearer TOKEN",
-                      WWW_Authenticate='Bearer realm="ssehub"')
-    try:
-        grant = tokens.verify(config.token_secret, token)
-    except tokens.TokenError as exc:
-        return _error(401, str(exc), WWW_Authenticate='Bearer realm="ssehub"')
-    try:
-        length = int(request.headers.get("Content-Length") or 0)
-        if length > config.max_event_bytes * 7 + 65536:
-            raise PublishError(f"body is {length} bytes, far above SSEHUB_MAX_EVENT_BYTES", 413)
-        body = _parse_body(request)
-        try:
-            channel = channels.validate(body.get("channel"))
-        except channels.InvalidChannel as exc:
-            raise PublishError(str(exc)) from None
-        if not grant.may_publish(channel):
-            return _error(403, f"token does not allow publishing to {channel}")
-        event_id = await apublish(channel, body.get("data"), body.get("event"),
-                                  idempotency_key=request.headers.get("Idempotency-Key"))
-    except PublishError as exc:
-        return _error(exc.status, str(exc))
-    except BrokerUnavailable as exc:
-        log.warning("publish failed: %s", exc)
-        return _error(503, "broker unavailable, retry later", Retry_After="1")
-    except Exception as exc:  # the contract: no input makes publish answer 500
-        log.exception("publish failed")
-        return _error(400, f"could not publish: {type(exc).__name__}")
-    return JsonResponse({"id": str(event_id)}, status=201)
 
 
 @require_GET

@@ -87,8 +87,11 @@ class RedisBroker(Broker):
         self.prefix: str = config.redis_prefix
         options: dict[str, Any] = {"socket_keepalive": True, "socket_connect_timeout": 5,
                                    "health_check_interval": 0}
-        self.redis = aioredis.Redis.from_url(url, single_connection_client=False,
-                                             max_connections=4, **options)
+        # One command connection, shared: callers queue for it rather than opening more
+        # (G4: a worker holds two connections in all, whatever the load).
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=1, timeout=5,
+                                                        **options)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self._listener_client = aioredis.Redis.from_url(url, **options)
         self._script = self.redis.register_script(PUBLISH_SCRIPT)
         self._channels: set[str] = set()
@@ -117,7 +120,7 @@ class RedisBroker(Broker):
                 await self._task
         await self._close_pubsub()
         await self._listener_client.aclose()
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
 
     async def _close_pubsub(self) -> None:
         if self._pubsub is not None:
