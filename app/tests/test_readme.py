@@ -1,0 +1,33 @@
+"""The README's claims that a test can keep true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ssehub import cli, conf
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_settings_table_is_the_generated_one() -> None:
+    block = README.split("<!-- settings-table -->\n", 1)[1].split("<!-- /settings-table -->", 1)[0]
+    assert block.strip() == conf.settings_table().strip()
+
+
+def test_every_ssehub_command_in_the_readme_exists() -> None:
+    subcommands = set(cli.build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    mentioned = set(re.findall(r"`ssehub ([a-z-]+)", README))
+    django = {"migrate", "collectstatic"}
+    assert mentioned - django <= subcommands, mentioned - django - subcommands
+
+
+def test_a_bad_setting_names_the_variable() -> None:
+    with pytest.raises(conf.ConfigError, match="SSEHUB_HEARTBEAT"):
+        conf.load({"SSEHUB_HEARTBEAT": "soon"})
+    with pytest.raises(conf.ConfigError, match="SSEHUB_TOKEN_SECRET is required"):
+        conf.load({"SSEHUB_BROKER_URL": "redis://127.0.0.1/0", "SSEHUB_SECRET_KEY": "x" * 40})
+    with pytest.raises(conf.ConfigError, match="SSEHUB_BROKER_URL"):
+        conf.load({"SSEHUB_BROKER_URL": "mysql://x"})
