@@ -143,6 +143,9 @@ class Publisher:
         if match is None:
             raise RuntimeError(f"publish answered without a length: {head!r}")
         payload = await self.reader.readexactly(int(match.group(1)))
+        if b"\r\nConnection: close" in head or b"\r\nconnection: close" in head:
+            self.close()  # nginx ends a keep-alive connection after keepalive_requests
+            self.writer = None
         if not head.startswith(b"HTTP/1.1 201"):
             raise RuntimeError(f"publish failed: {head[:40]!r} {payload[:200]!r}")
         event_id: int = json.loads(payload)["id"]

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs
 
 from . import channels, conf, sse, tokens
 from .brokers import BrokerUnavailable
-from .hub import Hub, Subscriber, ensure_hub
+from .hub import Batch, Hub, Subscriber, ensure_hub
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,10 @@ async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id:
     else:
         frame = b"".join(event.frame for event in replay.events)
         cursor = (replay.events[-1].id or after) if replay.events else after
-    subscriber.buf = [e for e in subscriber.buf if e.id is None or e.id > (cursor or 0)]
+    pending: list[Any] = []
+    for item in subscriber.buf:
+        pending.extend(item.events if isinstance(item, Batch) else (item,))
+    subscriber.buf = [e for e in pending if e.id is None or e.id > (cursor or 0)]
     if frame:
         await send({"type": "http.response.body", "body": frame, "more_body": True})
 

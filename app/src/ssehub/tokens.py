@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import jwt
 
@@ -58,7 +59,19 @@ def _patterns(value: object, key: str) -> tuple[str, ...]:
 
 
 def verify(secret: str, token: str) -> Grant:
-    """Decode ``token``; raise TokenError with a short reason when it is not valid."""
+    """Decode ``token``; raise TokenError with a short reason when it is not valid.
+
+    A token that verified once is remembered (signature checks cost more than the
+    rest of a publish); its ``exp`` is checked again at every use.
+    """
+    grant, expires = _verified(secret, token)
+    if expires <= time.time():
+        raise TokenError("token expired")
+    return grant
+
+
+@lru_cache(maxsize=4096)
+def _verified(secret: str, token: str) -> tuple[Grant, float]:
     try:
         claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
                             options={"require": ["exp"]})
@@ -71,5 +84,5 @@ def verify(secret: str, token: str) -> Grant:
     grant = claims.get(CLAIM)
     if not isinstance(grant, dict):
         raise TokenError(f"token has no {CLAIM} claim")
-    return Grant(_patterns(grant.get("publish"), "publish"),
-                 _patterns(grant.get("subscribe"), "subscribe"))
+    return (Grant(_patterns(grant.get("publish"), "publish"),
+                  _patterns(grant.get("subscribe"), "subscribe")), float(claims["exp"]))

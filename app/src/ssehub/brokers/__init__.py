@@ -13,8 +13,9 @@ tests against all three):
   commands), never one per subscriber. ``listen``/``unlisten`` change the
   listener's interest; ``listen`` returns once the interest is in effect, so a
   replay that follows it cannot miss an event published in between.
-- ``on_event`` is called on the event loop, in id order per channel, at most
-  once per id per process (duplicates from a reconnect's gap fill are dropped
+- ``on_events`` is called on the event loop with the events that arrived
+  together (a burst read at once), in id order per channel, at most once per
+  id per process (duplicates from a reconnect's gap fill are dropped
   here, not per subscriber).
 - ``replay(channels, after)`` returns the retained events with ``id > after``
   in id order, or ``reset`` when ``after`` is older than retention on one of the
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from ..conf import Config
 from ..sse import Event
 
-EventCallback = Callable[[Event], None]
+EventCallback = Callable[[list[Event]], None]
 
 
 class BrokerUnavailable(Exception):
@@ -50,11 +51,11 @@ class Broker(abc.ABC):
     def __init__(self, url: str, config: Config) -> None:
         self.url = url
         self.config = config
-        self.on_event: EventCallback = lambda event: None
+        self.on_events: EventCallback = lambda events: None
 
-    async def start(self, on_event: EventCallback) -> None:
+    async def start(self, on_events: EventCallback) -> None:
         """Connect and start the listener task."""
-        self.on_event = on_event
+        self.on_events = on_events
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -62,7 +62,7 @@ class MemoryBroker(Broker):
             if len(self._idempotency) > 100_000:
                 self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] > now}
         if channel in self._listening:
-            asyncio.get_running_loop().call_soon(self.on_event, item)
+            asyncio.get_running_loop().call_soon(self.on_events, [item])
         return self._head
 
     async def replay(self, channels: Sequence[str], after: int) -> Replay:

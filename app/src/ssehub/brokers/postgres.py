@@ -98,8 +98,8 @@ class PostgresBroker(Broker):
         self._wake_channel = f"ssehub_wake_{os.getpid()}_{id(self):x}"
         self._waiting = False
 
-    async def start(self, on_event: Any) -> None:
-        await super().start(on_event)
+    async def start(self, on_events: Any) -> None:
+        await super().start(on_events)
         await self.pool.open(wait=False)
         self._task = asyncio.create_task(self._run(), name="ssehub-pg-listener")
 
@@ -210,34 +210,39 @@ class PostgresBroker(Broker):
 
     async def _deliver(self, conn: psycopg.AsyncConnection[Any], batch: list[Any]) -> None:
         ids: list[int] = []
+        raw: list[Event] = []
         for notify in batch:
             if notify.channel not in self._channels:
                 continue
             if notify.payload.startswith(MARKER):
                 ids.append(int(notify.payload[1:]))
             else:
-                self.on_event(Event(notify.channel, notify.payload))
+                raw.append(Event(notify.channel, notify.payload))
+        if raw:
+            self.on_events(raw)
         if ids:
             cur = await conn.execute(
                 "SELECT id, channel, event, data, published_at FROM ssehub_event "
                 "WHERE id = ANY(%s) ORDER BY id", (ids,))
-            for row in await cur.fetchall():
-                self._emit(Event(row[1], row[3], row[2], int(row[0]), float(row[4])))
+            self._emit([Event(r[1], r[3], r[2], int(r[0]), float(r[4]))
+                        for r in await cur.fetchall()])
 
-    def _emit(self, event: Event) -> None:
-        assert event.id is not None
-        if event.id <= self._last_id.get(event.channel, 0):
-            return
-        self._last_id[event.channel] = event.id
-        self.on_event(event)
+    def _emit(self, events: list[Event]) -> None:
+        fresh = []
+        for event in events:
+            assert event.id is not None
+            if event.id > self._last_id.get(event.channel, 0):
+                self._last_id[event.channel] = event.id
+                fresh.append(event)
+        if fresh:
+            self.on_events(fresh)
 
     async def _fill_gaps(self, conn: psycopg.AsyncConnection[Any]) -> None:
         for channel in sorted(self._channels):
             after = self._last_id.get(channel)
             if after is None:
                 continue
-            for event in await self._range(conn, [channel], after):
-                self._emit(event)
+            self._emit(await self._range(conn, [channel], after))
 
     # commands
     @staticmethod

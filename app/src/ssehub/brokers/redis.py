@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..sse import Event
 from . import Broker, BrokerUnavailable, Replay
@@ -41,6 +41,7 @@ MARKER = "\x1e"
 IDLE_PING_SECONDS = 5.0
 DEAD_AFTER_SECONDS = 12.0
 RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
+MAX_BATCH = 256
 
 # KEYS: seq, stream, idempotency key ('' for none)
 # Ages are trimmed 16 entries at a time; the Lua escape 30 is MARKER (record separator).
@@ -94,6 +95,9 @@ class RedisBroker(Broker):
         self.redis = aioredis.Redis(connection_pool=pool)
         self._listener_client = aioredis.Redis.from_url(url, **options)
         self._script = self.redis.register_script(PUBLISH_SCRIPT)
+        self._script_ready = False
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[int]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._channels: set[str] = set()
         self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
         self._last_id: dict[str, int] = {}
@@ -109,8 +113,8 @@ class RedisBroker(Broker):
     def _pubsub_channel(self, channel: str) -> str:
         return f"{self.prefix}{channel}"
 
-    async def start(self, on_event: Any) -> None:
-        await super().start(on_event)
+    async def start(self, on_events: Any) -> None:
+        await super().start(on_events)
         self._task = asyncio.create_task(self._run(), name="ssehub-redis-listener")
 
     async def close(self) -> None:
@@ -203,9 +207,19 @@ class RedisBroker(Broker):
                 continue
             last_seen = now
             pinged = False
-            self._handle(message)
+            # Take the whole burst that is already buffered, and hand it over at once.
+            events: list[Event] = []
+            while message is not None:
+                event = self._handle(message)
+                if event is not None:
+                    events.append(event)
+                if len(events) >= MAX_BATCH:
+                    break
+                message = await pubsub.get_message(timeout=0)
+            if events:
+                self.on_events(events)
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    def _handle(self, message: dict[str, Any]) -> Event | None:
         kind = message["type"]
         if kind == "message":
             channel = message["channel"].decode()[len(self.prefix):]
@@ -214,12 +228,11 @@ class RedisBroker(Broker):
                 head, event, published, data = payload[1:].split(b"\n", 3)
                 event_id = int(head)
                 if event_id <= self._last_id.get(channel, 0):
-                    return
+                    return None
                 self._last_id[channel] = event_id
-                self.on_event(Event(channel, data.decode(), event.decode() or None,
-                                    event_id, float(published)))
-            else:
-                self.on_event(Event(channel, payload.decode(errors="replace")))
+                return Event(channel, data.decode(), event.decode() or None, event_id,
+                             float(published))
+            return Event(channel, payload.decode(errors="replace"))
         elif kind == "subscribe":
             channel = message["channel"].decode()[len(self.prefix):]
             waiters = self._confirm.get(channel)
@@ -229,6 +242,7 @@ class RedisBroker(Broker):
                     waiter.set_result(None)
             if waiters is not None and not waiters:
                 del self._confirm[channel]
+        return None
 
     async def _fill_gaps(self, channels: Sequence[str]) -> None:
         """After a (re)connect, deliver what was published while we were away."""
@@ -236,11 +250,14 @@ class RedisBroker(Broker):
             after = self._last_id.get(channel)
             if after is None:
                 continue
+            fresh = []
             for event in await self._range(channel, after):
                 assert event.id is not None
                 if event.id > self._last_id.get(channel, 0):
                     self._last_id[channel] = event.id
-                    self.on_event(event)
+                    fresh.append(event)
+            if fresh:
+                self.on_events(fresh)
 
     # commands
     async def _range(self, channel: str, after: int) -> list[Event]:
@@ -249,19 +266,53 @@ class RedisBroker(Broker):
 
     async def publish(self, channel: str, data: str, event: str | None = None,
                       idempotency_key: str | None = None) -> int:
+        """Queue the publish for the next pipeline and wait for its id.
+
+        Group commit: publishes that arrive while a pipeline is in flight go out
+        together in the next one, so one connection carries many publishers
+        without a round trip each (measured: 8 publishers on one connection were
+        bound by round trips, not CPU).
+        """
         now = time.time()
-        cutoff = now - self.config.retention_seconds
         idem = f"{self.prefix}idem:{idempotency_key}" if idempotency_key is not None else ""
-        try:
-            result = await self._script(
-                keys=[f"{self.prefix}seq", self._stream_key(channel), idem],
-                args=[self._pubsub_channel(channel), event or "", data, repr(now),
-                      self.config.retention_events, self.config.retention_seconds * 1000,
-                      repr(cutoff)],
-            )
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"redis: {exc}") from exc
-        return int(result)
+        keys = [f"{self.prefix}seq", self._stream_key(channel), idem]
+        args = [self._pubsub_channel(channel), event or "", data, repr(now),
+                self.config.retention_events, self.config.retention_seconds * 1000,
+                repr(now - self.config.retention_seconds)]
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, waiter))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await waiter
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await self._script_loaded()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                results = [exc] * len(batch)
+            if any(isinstance(r, NoScriptError) for r in results):
+                # Redis restarted and lost its script cache: nothing ran; load it, resend.
+                self._script_ready = False
+                self._queue = batch + self._queue
+                continue
+            for (_, _, waiter), result in zip(batch, results, strict=True):
+                if waiter.done():
+                    continue
+                if isinstance(result, BaseException):
+                    waiter.set_exception(BrokerUnavailable(f"redis: {result}"))
+                else:
+                    waiter.set_result(int(result))
+
+    async def _script_loaded(self) -> None:
+        if not self._script_ready:
+            await self.redis.script_load(PUBLISH_SCRIPT)
+            self._script_ready = True
 
     async def replay(self, channels: Sequence[str], after: int) -> Replay:
         try:
