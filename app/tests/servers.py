@@ -124,14 +124,15 @@ class Postgres:
     def conninfo(self, db: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
         if self.process is not None:
             # SIGINT is postgres' "fast" shutdown; send it to the postmaster itself
             # (runuser does not forward it).
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int((self.dir / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
             stop(self.process, signal.SIGTERM)
-        shutil.rmtree(self.dir.parent, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.dir.parent, ignore_errors=True)
 
 
 class Nginx:
