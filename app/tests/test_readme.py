@@ -31,3 +31,15 @@ def test_a_bad_setting_names_the_variable() -> None:
         conf.load({"SSEHUB_BROKER_URL": "redis://127.0.0.1/0", "SSEHUB_SECRET_KEY": "x" * 40})
     with pytest.raises(conf.ConfigError, match="SSEHUB_BROKER_URL"):
         conf.load({"SSEHUB_BROKER_URL": "mysql://x"})
+
+
+def test_grafana_dashboard_charts_every_metric() -> None:
+    import json
+
+    from ssehub import metrics
+
+    dashboard = json.loads((Path(metrics.__file__).parent / "grafana/dashboard.json").read_text())
+    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in (metrics.OPEN_STREAMS, metrics.PUBLISHED, metrics.DELIVERED, metrics.DROPPED,
+                   metrics.BROKER_LAG):
+        assert metric._name in queries, metric._name  # type: ignore[attr-defined]

@@ -162,7 +162,7 @@ class Config:
 
 def _generated_secret(data_dir: Path, name: str) -> str:
     """Return a secret kept in the data dir, creating it once (embedded mode only)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = data_dir / f"{name.lower()}.secret"
     try:
         return path.read_text().strip()

@@ -1,0 +1,64 @@
+"""`ssehub serve` with no configuration at all, and the CLI around it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from servers import free_port, stop, wait_for
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SSEHUB_", "DJANGO_"))}
+    env["HOME"] = str(home)
+    return env
+
+
+def test_serve_with_no_configuration_then_publish_and_listen(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "ssehub.cli", "serve", "--bind",
+                                   f"127.0.0.1:{port}"], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
+                 what="ssehub serve")
+        printed = log.read_text()
+        assert "embedded mode" in printed and "subscribe:" in printed and "publish:" in printed
+        assert (tmp_path / ".local/share/ssehub/ssehub.sqlite3").exists()
+        assert oct((tmp_path / ".local/share/ssehub/ssehub_token_secret.secret").stat().st_mode)[-3:] == "600"
+        listener = subprocess.Popen([sys.executable, "-m", "ssehub.cli", "listen", "demo",
+                                     "--url", url], env=env, stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        published = subprocess.run(
+            [sys.executable, "-m", "ssehub.cli", "publish", "demo", "hello\nworld", "--url", url],
+            env=env, capture_output=True, text=True, check=True).stdout.strip()
+        assert published.isdigit()
+        assert listener.stdout is not None
+        line = listener.stdout.readline()
+        listener.terminate()
+        listener.wait(5)
+        listener.stdout.close()
+        assert f'"id": "{published}"' in line and '"data": "hello\\nworld"' in line
+        token = subprocess.run([sys.executable, "-m", "ssehub.cli", "token", "--publish", "x.*",
+                                "--ttl", "60"], env=env, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        assert re.fullmatch(r"[\w-]+\.[\w-]+\.[\w-]+", token)
+    finally:
+        stop(server)
+
+
+def test_configuration_errors_name_the_variable(tmp_path: Path) -> None:
+    env = {**clean_env(tmp_path), "SSEHUB_BROKER_URL": "redis://127.0.0.1:1/0"}
+    result = subprocess.run([sys.executable, "-m", "ssehub.cli", "serve"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "SSEHUB_TOKEN_SECRET is required" in result.stderr
