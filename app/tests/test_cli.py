@@ -34,7 +34,8 @@ def test_serve_with_no_configuration_then_publish_and_listen(tmp_path: Path) -> 
         printed = log.read_text()
         assert "embedded mode" in printed and "subscribe:" in printed and "publish:" in printed
         assert (tmp_path / ".local/share/ssehub/ssehub.sqlite3").exists()
-        assert oct((tmp_path / ".local/share/ssehub/ssehub_token_secret.secret").stat().st_mode)[-3:] == "600"
+        secret = tmp_path / ".local/share/ssehub/ssehub_token_secret.secret"
+        assert oct(secret.stat().st_mode)[-3:] == "600"
         listener = subprocess.Popen([sys.executable, "-m", "ssehub.cli", "listen", "demo",
                                      "--url", url], env=env, stdout=subprocess.PIPE, text=True)
         time.sleep(1.5)
