@@ -61,7 +61,8 @@ async def test_f2_sync_generator_runs_off_the_event_loop(rf) -> None:  # type: i
     task.cancel()
     assert chunks[0].startswith(b"retry: ")
     assert chunks[1:] == [b"data: plain\n\n", b"event: update\ndata: tuple\n\n",
-                          b"id: 7\nevent: d\ndata: dict\n\n", b"id: 8\nevent: obj\ndata: object\n\n"]
+                          b"id: 7\nevent: d\ndata: dict\n\n",
+                          b"id: 8\nevent: obj\ndata: object\n\n"]
     assert ticks >= 5, "the event loop was blocked while the sync generator slept"
 
 
