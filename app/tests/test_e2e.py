@@ -113,6 +113,15 @@ async def test_d4_a7_stream_headers_from_the_app(stack, client) -> None:  # type
         assert hop not in headers, f"{hop}: {headers[hop]}"
 
 
+async def test_head_answers_the_stream_headers_and_ends(stack, client) -> None:  # type: ignore[no-untyped-def]
+    hub, _ = stack
+    response = await client.head(f"{hub.url}/events/?channel=public.head", timeout=3)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/event-stream"
+    wrong = await client.post(f"{hub.url}/events/?channel=public.head")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
+
+
 async def test_a6_no_compression_through_nginx(stack, client) -> None:  # type: ignore[no-untyped-def]
     """The harness turns gzip on for text/event-stream; the stream location turns it off."""
     _, nginx = stack

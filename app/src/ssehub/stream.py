@@ -192,6 +192,9 @@ async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
     watcher = asyncio.create_task(_watch_disconnect(receive, subscriber))
     try:
         await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+        if scope["method"] == "HEAD":  # headers only: a probe, not a stream
+            await send({"type": "http.response.body", "body": b""})
+            return
         await send({"type": "http.response.body", "body": sse.preamble(config.retry_ms),
                     "more_body": True})
         if last_id is not None:
