@@ -395,6 +395,7 @@ def lone_stack(tmp_path: Path, pg_server: Postgres) -> Iterator[tuple[Redis, Hub
     redis.start()
     env = base_env(SSEHUB_BROKER_URL=redis.url, SSEHUB_DATABASE_URL=fresh_database(pg_server),
                    SSEHUB_PUBLIC_CHANNELS="*", SSEHUB_DRAIN_SECONDS="3",
+                   SSEHUB_SUBSCRIBER_BUFFER="20",
                    SSEHUB_DATA_DIR=str(tmp_path))
     hub = Hub(tmp_path, env, workers=1)
     hub.start()
@@ -435,3 +436,28 @@ async def test_e2_sigterm_drains_open_streams_within_the_bound(lone_stack, clien
     exited = time.monotonic() - started
     assert len(tails) == 20 and all(t.endswith(b": draining, reconnect\n\n") for t in tails)
     assert closed < 3.0 and exited < 3 + 5, (closed, exited)
+
+
+async def test_g1_a_client_that_stops_reading_is_dropped_and_replays_everything(
+        lone_stack, client) -> None:  # type: ignore[no-untyped-def]
+    _, hub = lone_stack
+    import socket
+
+    stalled = socket.create_connection(("127.0.0.1", hub.port))
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(b"GET /events/?channel=g1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await asyncio.sleep(0.3)
+    ids = []
+    payload = "x" * 60000
+    for _ in range(120):  # ~7 MB: far more than socket buffers and 20 queued events hold
+        response = await client.post(f"{hub.url}/publish/", headers=auth(token(publish=["*"])),
+                                     json={"channel": "g1", "data": payload})
+        ids.append(response.json()["id"])
+    await asyncio.sleep(0.5)
+    metrics = (await client.get(f"{hub.url}/metrics")).text
+    dropped = re.search(r"^ssehub_subscribers_dropped_total (\S+)$", metrics, re.M)
+    assert dropped and float(dropped.group(1)) >= 1, "the stalled client was not dropped"
+    stalled.close()
+    replay = await read_events(client, f"{hub.url}/events/?channel=g1", len(ids),
+                               {"Last-Event-ID": str(int(ids[0]) - 1)}, timeout=20)
+    assert [e.id for e in replay] == ids

@@ -126,7 +126,14 @@ class Subscriber:
         self.dropped = True
         self.buf = []
         metrics.DROPPED.inc()
-        if self.task is not None and self.waiter is None:
+        log.warning("dropped a slow subscriber of %s (it replays on reconnect)",
+                    ",".join(self.channels))
+        if self.cycle is not None:
+            # Abort the connection: uvicorn sees the disconnect, releases a writer
+            # blocked in flow control, and the stream ends without an error.
+            self.cycle.transport.abort()
+            self.wake()
+        elif self.task is not None and self.waiter is None:
             self.task.cancel()  # stuck writing to a client that does not read
         else:
             self.wake()

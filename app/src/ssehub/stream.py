@@ -214,9 +214,8 @@ async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
                 break
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
-        if not subscriber.dropped:
+        if not subscriber.dropped:  # dropped while blocked in send: end quietly
             raise
-        log.warning("dropped a slow subscriber of %s", ",".join(names))
     except BrokerUnavailable as exc:
         log.warning("closing a stream: %s", exc)
     finally:
