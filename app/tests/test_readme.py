@@ -43,3 +43,18 @@ def test_grafana_dashboard_charts_every_metric() -> None:
     for metric in (metrics.OPEN_STREAMS, metrics.PUBLISHED, metrics.DELIVERED, metrics.DROPPED,
                    metrics.BROKER_LAG):
         assert metric._name in queries, metric._name  # type: ignore[attr-defined]
+
+
+def test_the_wheel_builds_with_its_templates_migrations_and_dashboard(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import zipfile
+
+    app = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path),
+                    str(app)], check=True, timeout=300)
+    (wheel,) = tmp_path.glob("ssehub-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("ssehub/py.typed", "ssehub/templates/ssehub/chat.html",
+                   "ssehub/migrations/0001_initial.py", "ssehub/grafana/dashboard.json"):
+        assert needed in names

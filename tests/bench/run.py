@@ -156,6 +156,11 @@ class Publisher:
             self.writer.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -279,12 +284,13 @@ async def publish_api(port: int, seconds: float, concurrency: int) -> dict:
 
 
 SECRET = secrets.token_urlsafe(48)
-SCENARIOS = ["fanout-1000", "fanout-4000", "throughput", "idle", "publish"]
+SCENARIOS = ["fanout-1000", "fanout-4000", "throughput", "idle", "publish", "latency-1"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("scenarios", nargs="*", default=SCENARIOS, choices=SCENARIOS)
+    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []],
+                        help="default: all of them")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--direct", action="store_true",
                         help="streams and publishes straight to the hub, not through nginx")
@@ -292,6 +298,7 @@ def main() -> None:
     # (hard limit, not raisable here), and the hub worker holds one socket per stream.
     parser.add_argument("--idle-streams", type=int, default=19000)
     args = parser.parse_args()
+    args.scenarios = args.scenarios or SCENARIOS
     want = args.idle_streams + 500  # this client's sockets; nginx spreads over 4 workers
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
@@ -342,8 +349,14 @@ def run_scenarios(args: argparse.Namespace, redis: Redis, hub: Hub, nginx: Nginx
     if True:
         for name in args.scenarios:
             print(f"--- {name}", flush=True)
+            groups = {"hub": [worker], "nginx": children(nginx.process.pid),
+                      "redis": [redis.process.pid]}
+            before = {g: sum(cpu_seconds(p) for p in pids) for g, pids in groups.items()}
+            started = time.monotonic()
             if name == "fanout-1000":
                 result = asyncio.run(fanout(port, 1000, 20, args.seconds))
+            elif name == "latency-1":  # one stream: the floor under the fan-out figures
+                result = asyncio.run(fanout(port, 1, 20, args.seconds))
             elif name == "fanout-4000":
                 result = asyncio.run(fanout(port, 4000, 20, args.seconds))
             elif name == "throughput":
@@ -352,6 +365,10 @@ def run_scenarios(args: argparse.Namespace, redis: Redis, hub: Hub, nginx: Nginx
                 result = asyncio.run(idle(port, worker, args.idle_streams))
             else:
                 result = asyncio.run(publish_api(port, args.seconds / 2, 8))
+            wall = time.monotonic() - started
+            for group, pids in groups.items():
+                used = sum(cpu_seconds(p) for p in pids) - before[group]
+                result[f"cpu_{group}_pct"] = 100 * used / wall
             results[name] = result
             print("    " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in result.items()), flush=True)
