@@ -38,7 +38,7 @@ down:
 	$(PY) tests/stack.py down
 
 lint: venv
-	$(VENV)/bin/ruff check app tests
+	$(VENV)/bin/ruff check app tests ansible
 	cd app && ../$(VENV)/bin/mypy src/ssehub
 
 test-app: deps venv

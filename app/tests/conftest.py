@@ -3,12 +3,14 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from servers import Postgres, Redis
+from servers import Hub, Nginx, Postgres, Redis
 
 SECRET = secrets.token_urlsafe(48)
 _counter = itertools.count()
@@ -109,6 +111,29 @@ async def hub(make_config) -> AsyncIterator:  # type: ignore[no-untyped-def]
     await instance.start()
     yield instance
     await instance.close()
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: Redis, pg_server: Postgres,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hub, Nginx]]:
+    directory = tmp_path_factory.mktemp("e2e")
+    env = base_env(SSEHUB_BROKER_URL=redis_server.url,
+                   SSEHUB_DATABASE_URL=fresh_database(pg_server),
+                   SSEHUB_REDIS_PREFIX="e2e:", SSEHUB_HEARTBEAT="1",
+                   SSEHUB_PUBLIC_CHANNELS="public.*", PYTHONASYNCIODEBUG="1",
+                   SSEHUB_DATA_DIR=str(directory))
+    subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
+                   env={**os.environ, **env}, check=True)
+    hub = Hub(directory, env, workers=2)
+    hub.start()
+    nginx = Nginx(directory, [hub.port])
+    nginx.start()
+    yield hub, nginx
+    nginx.stop()
+    hub.stop()
+    # E1: no callback blocked the event loop (asyncio debug mode logs any > 100 ms).
+    slow = [line for line in hub.output().splitlines() if "Executing <" in line]
+    assert not slow, "blocking calls on the event loop:\n" + "\n".join(slow[:5])
 
 
 @pytest.fixture(scope="session")

@@ -138,10 +138,15 @@ class Postgres:
 class Nginx:
     """nginx on loopback with the snippets from templates/nginx, as ops include them."""
 
-    def __init__(self, directory: Path, upstreams: list[int]) -> None:
+    def __init__(self, directory: Path, upstreams: list[int], *,
+                 locations: Path = TEMPLATES / "nginx/ssehub-locations.conf",
+                 http_extra: str = "", server_extra: str = "") -> None:
         self.dir = directory
         self.port = free_port()
         self.upstreams = upstreams
+        self.locations = locations
+        self.http_extra = http_extra
+        self.server_extra = server_extra
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -170,9 +175,11 @@ http {{
     gzip_min_length 1;
     include {TEMPLATES}/nginx/ssehub-http.conf;
     {upstream}
+    {self.http_extra}
     server {{
         listen 127.0.0.1:{self.port};
-        include {TEMPLATES}/nginx/ssehub-locations.conf;
+        {self.server_extra}
+        include {self.locations};
     }}
 }}
 """

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from conftest import SECRET, base_env, fresh_database
 from httpx_sse import aconnect_sse
-from servers import Hub, Nginx, Postgres, Redis
+from servers import Hub, Postgres, Redis
 
 from ssehub import tokens
 
@@ -31,32 +31,6 @@ def token(publish: list[str] | None = None, subscribe: list[str] | None = None,
 
 def auth(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
-
-
-@pytest.fixture(scope="module")
-def stack(redis_server: Redis, pg_server: Postgres,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hub, Nginx]]:
-    directory = tmp_path_factory.mktemp("e2e")
-    env = base_env(SSEHUB_BROKER_URL=redis_server.url,
-                   SSEHUB_DATABASE_URL=fresh_database(pg_server),
-                   SSEHUB_REDIS_PREFIX="e2e:", SSEHUB_HEARTBEAT="1",
-                   SSEHUB_PUBLIC_CHANNELS="public.*", PYTHONASYNCIODEBUG="1",
-                   SSEHUB_DATA_DIR=str(directory))
-    import subprocess
-    import sys
-
-    subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
-                   env={**__import__("os").environ, **env}, check=True)
-    hub = Hub(directory, env, workers=2)
-    hub.start()
-    nginx = Nginx(directory, [hub.port])
-    nginx.start()
-    yield hub, nginx
-    nginx.stop()
-    hub.stop()
-    # E1: no callback blocked the event loop (asyncio debug mode logs any > 100 ms).
-    slow = [line for line in hub.output().splitlines() if "Executing <" in line]
-    assert not slow, "blocking calls on the event loop:\n" + "\n".join(slow[:5])
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import conf, tokens
 
-OWN_COMMANDS = {"serve", "publish", "listen", "token", "settings-table"}
+OWN_COMMANDS = {"serve", "publish", "listen", "token", "smoke", "settings-table"}
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -178,6 +178,19 @@ def cmd_token(args: argparse.Namespace) -> None:
                       ttl=args.ttl))
 
 
+def cmd_smoke(args: argparse.Namespace) -> None:
+    from .probe import probe
+
+    token = args.token
+    if not token:
+        token = tokens.mint(_config().token_secret, publish=["smoke.*"], subscribe=["smoke.*"],
+                            ttl=300)
+    result = probe(args.url, token, channel=args.channel, timeout=args.timeout,
+                   insecure=args.insecure)
+    print(json.dumps(result.as_dict()) if args.json else result.line(), flush=True)
+    sys.exit(0 if result.ok else 1)
+
+
 def cmd_settings_table(args: argparse.Namespace) -> None:
     print(conf.settings_table())
 
@@ -212,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--subscribe", action="append", default=[], metavar="PATTERN")
     token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS")
     token.set_defaults(func=cmd_token)
+
+    smoke = sub.add_parser("smoke", help="publish one event through URL and wait for it")
+    smoke.add_argument("url", help="the public base URL, e.g. https://sse.example.org")
+    smoke.add_argument("--token", help="a token that may publish and subscribe to the channel "
+                       "(default: minted with SSEHUB_TOKEN_SECRET for smoke.*)")
+    smoke.add_argument("--channel", help="default: smoke.<random>")
+    smoke.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    smoke.add_argument("--insecure", action="store_true", help="accept any TLS certificate")
+    smoke.add_argument("--json", action="store_true", help="print the result as JSON")
+    smoke.set_defaults(func=cmd_smoke)
 
     table = sub.add_parser("settings-table", help="print the settings table (Markdown)")
     table.set_defaults(func=cmd_settings_table)

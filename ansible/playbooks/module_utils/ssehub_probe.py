@@ -1,0 +1,1 @@
+../../../app/src/ssehub/probe.py
