@@ -218,7 +218,7 @@ async def throughput(port: int, streams_count: int, seconds: float, publishers: 
     await asyncio.sleep(0.5)
     published: list[int] = []
     deadline = time.monotonic() + seconds
-    window = 50  # events in flight: a publisher waits while the slowest stream lags more
+    window = 200  # events in flight: a publisher waits while the slowest stream lags more
 
     async def run(p: Publisher) -> None:
         while time.monotonic() < deadline:
@@ -350,7 +350,7 @@ def run_scenarios(args: argparse.Namespace, redis: Redis, hub: Hub, nginx: Nginx
         for name in args.scenarios:
             print(f"--- {name}", flush=True)
             groups = {"hub": [worker], "nginx": children(nginx.process.pid),
-                      "redis": [redis.process.pid]}
+                      "redis": [redis.process.pid], "generator": [os.getpid()]}
             before = {g: sum(cpu_seconds(p) for p in pids) for g, pids in groups.items()}
             started = time.monotonic()
             if name == "fanout-1000":
@@ -360,7 +360,7 @@ def run_scenarios(args: argparse.Namespace, redis: Redis, hub: Hub, nginx: Nginx
             elif name == "fanout-4000":
                 result = asyncio.run(fanout(port, 4000, 20, args.seconds))
             elif name == "throughput":
-                result = asyncio.run(throughput(port, 1000, args.seconds, 8))
+                result = asyncio.run(throughput(port, 1000, args.seconds, 32))
             elif name == "idle":
                 result = asyncio.run(idle(port, worker, args.idle_streams))
             else:
