@@ -9,12 +9,14 @@ Idempotency-Key, as the README tells users to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from conftest import _config_factory
-from servers import Postgres, Redis
+from servers import Postgres, Redis, running
 
 from ssehub import conf
 from ssehub.brokers import BrokerUnavailable
@@ -67,57 +69,48 @@ async def run_with_fault(hub: Hub, fault) -> tuple[list[int], list[int]]:  # typ
     return published, await receiver
 
 
-async def test_g2_redis_restart_mid_publish_loses_nothing(tmp_path: Path) -> None:
-    redis = Redis(tmp_path)
-    redis.start()
-    hub = Hub(_config_factory(redis.url)())
+@contextlib.asynccontextmanager
+async def hub_on(url: str) -> AsyncIterator[Hub]:
+    hub = Hub(_config_factory(url)())
     await hub.start()
     try:
-        def restart() -> None:
-            redis.stop()
-            time.sleep(0.5)
-            redis.start()
-
-        published, received = await run_with_fault(hub, restart)
-        assert len(published) == EVENTS and len(set(published)) == EVENTS
-        assert received == published
+        yield hub
     finally:
         await hub.close()
-        redis.stop()
         conf.reset()
+
+
+async def test_g2_redis_restart_mid_publish_loses_nothing(tmp_path: Path) -> None:
+    def restart() -> None:
+        redis.stop()
+        time.sleep(0.5)
+        redis.start()
+
+    with running(Redis(tmp_path)) as redis:
+        async with hub_on(redis.url) as hub:
+            published, received = await run_with_fault(hub, restart)
+    assert len(published) == EVENTS and len(set(published)) == EVENTS
+    assert received == published
 
 
 async def test_g3_redis_kills_the_listener_connection(tmp_path: Path) -> None:
-    redis = Redis(tmp_path)
-    redis.start()
-    hub = Hub(_config_factory(redis.url)())
-    await hub.start()
-    try:
-        published, received = await run_with_fault(
-            hub, lambda: redis.cli("CLIENT", "KILL", "TYPE", "pubsub"))
-        assert received == published
-    finally:
-        await hub.close()
-        redis.stop()
-        conf.reset()
+    with running(Redis(tmp_path)) as redis:
+        async with hub_on(redis.url) as hub:
+            published, received = await run_with_fault(
+                hub, lambda: redis.cli("CLIENT", "KILL", "TYPE", "pubsub"))
+    assert received == published
 
 
 async def test_g2_h6_postgres_restart_mid_publish_loses_nothing(tmp_path: Path) -> None:
+    def restart() -> None:
+        pg.stop(keep=True)
+        time.sleep(0.5)
+        pg.start()
+
     pg = Postgres(tmp_path)
     pg.init()
-    pg.start()
-    hub = Hub(_config_factory(pg.url)())
-    await hub.start()
-    try:
-        def restart() -> None:
-            pg.stop(keep=True)
-            time.sleep(0.5)
-            pg.start()
-
-        published, received = await run_with_fault(hub, restart)
-        assert len(published) == EVENTS and len(set(published)) == EVENTS
-        assert received == published
-    finally:
-        await hub.close()
-        pg.stop()
-        conf.reset()
+    with running(pg):
+        async with hub_on(pg.url) as hub:
+            published, received = await run_with_fault(hub, restart)
+    assert len(published) == EVENTS and len(set(published)) == EVENTS
+    assert received == published

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SECRET, base_env
-from servers import TEMPLATES, Hub, Nginx, Redis, free_port
+from servers import TEMPLATES, Hub, Nginx, Redis, free_port, running
 
 from ssehub import tokens
 from ssehub.probe import probe
@@ -57,12 +57,8 @@ def test_smoke_names_the_transport_hop(stack, url: str, hop: str) -> None:  # ty
 
 
 def test_smoke_names_a_dead_upstream(tmp_path: Path) -> None:
-    nginx = Nginx(tmp_path, [free_port()])
-    nginx.start()
-    try:
+    with running(Nginx(tmp_path, [free_port()])) as nginx:
         result = probe(nginx.url, TOKEN, timeout=3)
-    finally:
-        nginx.stop()
     assert result.hop == "proxy status" and " 502 " in result.message, result.line()
 
 
@@ -86,12 +82,8 @@ def test_smoke_names_compression_on_the_stream(stack, tmp_path: Path) -> None:  
     locations = tmp_path / "gzip.conf"
     locations.write_text((TEMPLATES / "nginx/ssehub-locations.conf").read_text().replace(
         "gzip off;", "gzip on; gzip_types text/event-stream;"))
-    compressing = Nginx(tmp_path, [hub.port], locations=locations)
-    compressing.start()
-    try:
+    with running(Nginx(tmp_path, [hub.port], locations=locations)) as compressing:
         result = probe(compressing.url, TOKEN, timeout=3)
-    finally:
-        compressing.stop()
     assert result.hop == "buffering" and "compressed (gzip)" in result.message, result.line()
 
 
