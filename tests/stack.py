@@ -13,7 +13,6 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -90,39 +89,12 @@ Stop it with: make down""")
 
 
 def smoke(url: str, secret: str) -> float:
-    import httpx
-    from httpx_sse import connect_sse
-    from ssehub import tokens
+    from ssehub import probe
 
-    channel = f"smoke.{secrets.token_hex(4)}"
-    token = tokens.mint(secret, publish=[channel], subscribe=[channel], ttl=60)
-    received: list[float] = []
-    opened = threading.Event()
-
-    def listen() -> None:
-        with httpx.Client(timeout=10) as client, connect_sse(
-                client, "GET", f"{url}/events/?channel={channel}",
-                headers={"Authorization": f"Bearer {token}"}) as source:
-            opened.set()
-            for event in source.iter_sse():
-                if event.data == "ping":
-                    received.append(time.monotonic())
-                    return
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    if not opened.wait(5):
-        sys.exit("smoke test failed: the stream did not open through nginx")
-    time.sleep(0.2)
-    sent = time.monotonic()
-    response = httpx.post(f"{url}/publish/", data={"channel": channel, "data": "ping"},
-                          headers={"Authorization": f"Bearer {token}"}, timeout=5)
-    if response.status_code != 201:
-        sys.exit(f"smoke test failed: publish answered {response.status_code} {response.text}")
-    thread.join(5)
-    if not received:
-        sys.exit("smoke test failed: the event did not arrive within 5 s")
-    return received[0] - sent
+    result = probe.probe(url, probe.mint(secret))
+    if not result.ok or result.latency_ms is None:
+        sys.exit(f"smoke test {result.line()}")
+    return result.latency_ms / 1000
 
 
 def down() -> None:
