@@ -140,8 +140,11 @@ class Nginx:
 
     def __init__(self, directory: Path, upstreams: list[int], *,
                  locations: Path = TEMPLATES / "nginx/ssehub-locations.conf",
-                 http_extra: str = "", server_extra: str = "") -> None:
+                 http_extra: str = "", server_extra: str = "", workers: int = 1,
+                 worker_connections: int = 4096) -> None:
         self.dir = directory
+        self.workers = workers
+        self.worker_connections = worker_connections
         self.port = free_port()
         self.upstreams = upstreams
         self.locations = locations
@@ -159,10 +162,11 @@ class Nginx:
         return f"""
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {self.workers};
+worker_rlimit_nofile {min(20000, 2 * self.worker_connections + 100)};
 pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {self.worker_connections}; }}
 http {{
     access_log off;
     client_body_temp_path {self.dir}/body;

@@ -33,7 +33,9 @@ async def take(subscriber: Subscriber, count: int, timeout: float = 5.0) -> list
         except TimeoutError:
             continue
         batch, subscriber.buf = subscriber.buf, []
-        got.extend(e for e in batch if getattr(e, "channel", None) is not None)
+        for item in batch:  # a Batch (a burst of one channel) carries its events
+            got.extend(e for e in getattr(item, "events", [item])
+                       if getattr(e, "channel", None) is not None)
     return got
 
 
@@ -191,3 +193,13 @@ async def test_g1_slow_subscriber_is_dropped_not_buffered_forever(make_config) -
     replay = await hub.broker.replay(["burst"], 0)
     assert [e.id for e in replay.events] == ids  # its reconnect replays everything
     await hub.close()
+
+
+async def test_bursts_reach_single_and_multi_channel_streams_in_id_order(hub: Hub) -> None:
+    one = await hub.subscribe(["burst.a"])
+    both = await hub.subscribe(["burst.a", "burst.b"])
+    ids = await asyncio.gather(*(hub.broker.publish("burst.a" if i % 3 else "burst.b", str(i))
+                                 for i in range(60)))
+    a_ids = sorted(i for n, i in enumerate(ids) if n % 3)
+    assert [e.id for e in await take(one, len(a_ids))] == a_ids
+    assert [e.id for e in await take(both, 60)] == sorted(ids)
