@@ -71,7 +71,7 @@ def _config_factory(broker_url: str):  # type: ignore[no-untyped-def]
 
     def make(**overrides: str) -> conf.Config:
         env = base_env(SSEHUB_BROKER_URL=broker_url,
-                       SSEHUB_REDIS_PREFIX=f"t{next(_counter)}:", **overrides)
+                       **{"SSEHUB_REDIS_PREFIX": f"t{next(_counter)}:", **overrides})
         config = conf.load(env)
         conf._current = config
         return config

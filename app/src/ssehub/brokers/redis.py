@@ -43,11 +43,12 @@ DEAD_AFTER_SECONDS = 12.0
 RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 MAX_BATCH = 256
 
-# KEYS: seq, stream, idempotency key ('' for none)
+# KEYS: seq, stream[, idempotency key] (no third key without one: an ACL that
+# allows only ~ssehub:* refuses an empty key name)
 # Ages are trimmed 16 entries at a time; the Lua escape 30 is MARKER (record separator).
 # ARGV: pubsub channel, event, data, published_at, maxlen, idempotency ttl ms, age cutoff
 PUBLISH_SCRIPT = """
-if KEYS[3] ~= '' then
+if KEYS[3] then
   local known = redis.call('GET', KEYS[3])
   if known then return tonumber(known) end
 end
@@ -66,7 +67,7 @@ for i, entry in ipairs(oldest) do
 end
 local nl = '\\n'
 redis.call('PUBLISH', ARGV[1], '\\30' .. id .. nl .. ARGV[2] .. nl .. ARGV[4] .. nl .. ARGV[3])
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], id, 'PX', ARGV[6]) end
+if KEYS[3] then redis.call('SET', KEYS[3], id, 'PX', ARGV[6]) end
 return id
 """
 
@@ -274,8 +275,9 @@ class RedisBroker(Broker):
         bound by round trips, not CPU).
         """
         now = time.time()
-        idem = f"{self.prefix}idem:{idempotency_key}" if idempotency_key is not None else ""
-        keys = [f"{self.prefix}seq", self._stream_key(channel), idem]
+        keys = [f"{self.prefix}seq", self._stream_key(channel)]
+        if idempotency_key is not None:
+            keys.append(f"{self.prefix}idem:{idempotency_key}")
         args = [self._pubsub_channel(channel), event or "", data, repr(now),
                 self.config.retention_events, self.config.retention_seconds * 1000,
                 repr(now - self.config.retention_seconds)]

@@ -1,0 +1,46 @@
+"""The hub works under the Redis ACL the redis role deploys (one source: the role's default).
+
+Regression: a publish without Idempotency-Key passed an empty key name to the
+Lua script, which an ACL limited to ``~ssehub:*`` refuses (found by the cluster
+scenario: every such publish answered 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import _config_factory
+from servers import Redis, running
+from ssehub import conf
+from ssehub.hub import Hub
+
+pytestmark = pytest.mark.asyncio
+
+ROLE_DEFAULTS = Path(__file__).resolve().parents[2] / "roles/redis/defaults/main.yml"
+
+
+async def test_publish_replay_and_listen_under_the_deployed_acl(tmp_path: Path) -> None:
+    rules = yaml.safe_load(ROLE_DEFAULTS.read_text())["redis_app_acl_rules"].split()
+    with running(Redis(tmp_path)) as redis:
+        redis.cli("ACL", "SETUSER", "ssehub", "on", ">app-password", *rules)
+        url = f"redis://ssehub:app-password@127.0.0.1:{redis.port}/0"
+        hub = Hub(_config_factory(url)(SSEHUB_REDIS_PREFIX="ssehub:"))
+        await hub.start()
+        try:
+            subscriber = await hub.subscribe(["acl"])
+            plain = await hub.broker.publish("acl", "no key")
+            keyed = await hub.broker.publish("acl", "with key", idempotency_key="k1")
+            assert await hub.broker.publish("acl", "with key", idempotency_key="k1") == keyed
+            replay = await hub.broker.replay(["acl"], 0)
+            assert [e.id for e in replay.events] == [plain, keyed]
+            async with asyncio.timeout(3):
+                while len([e for e in subscriber.buf if getattr(e, "id", None)]) < 2:
+                    await subscriber.wait()
+                    await asyncio.sleep(0.01)
+        finally:
+            await hub.close()
+            conf.reset()
