@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import _config_factory
 from servers import Redis, running
+
 from ssehub import conf
 from ssehub.hub import Hub
 
