@@ -11,7 +11,7 @@ DEBIAN_PACKAGES := redis-server postgresql nginx caddy curl
 help:
 	@echo "make up      start Redis, PostgreSQL, the hub (gunicorn) and nginx on loopback; smoke-test it"
 	@echo "make down    stop what make up started"
-	@echo "make test    lint (Python, roles) + the app's tests against real Redis, PostgreSQL and nginx"
+	@echo "make test    lint (Python, roles), the app's tests (real Redis, PostgreSQL, nginx), the Molecule cluster scenarios"
 	@echo "make bench   the benchmark (prints figures)"
 
 # Debian packages the stack and the tests run (skipped when already there).
@@ -44,8 +44,9 @@ lint: venv
 test-app: deps venv
 	$(VENV)/bin/pytest app/tests
 
-# lint-deploy (mk/cluster.mk): yamllint, ansible-lint production profile, role checks.
-test: lint lint-deploy test-app
+# lint-deploy and test-cluster live in mk/cluster.mk: yamllint, ansible-lint
+# production profile, role checks; then both Molecule scenarios (docker, systemd).
+test: lint lint-deploy test-app test-cluster
 
 bench: deps venv
 	$(PY) tests/bench/run.py
