@@ -136,9 +136,6 @@ SETTINGS: tuple[Setting, ...] = (
             "`ssehub serve` uses a temporary one when unset.", str),
 )
 
-_BY_NAME = {setting.name: setting for setting in SETTINGS}
-
-
 @dataclass(frozen=True)
 class Config:
     """Parsed settings; attribute names are the variable names without the prefix."""
@@ -231,6 +228,3 @@ def settings_table() -> str:
         rows.append(f"| `{setting.name}` | {default} | {setting.doc} |")
     return "\n".join(rows)
 
-
-def setting(name: str) -> Setting:
-    return _BY_NAME[name]

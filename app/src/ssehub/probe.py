@@ -25,7 +25,6 @@ import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any
 
-HOPS = ("dns", "tcp", "tls", "proxy status", "content type", "buffering", "publish", "delivery")
 FIRST_BYTES_SECONDS = 2.0
 
 

@@ -55,10 +55,6 @@ def encode(data: str, event: str | None = None, event_id: int | str | None = Non
     return f"{head}{body}\n\n".encode()
 
 
-def comment(text: str) -> bytes:
-    return "".join(f": {line}\n" for line in _LINE_BREAK.split(text)).encode() + b"\n"
-
-
 def preamble(retry_ms: int) -> bytes:
     """First bytes of a stream: a jittered ``retry:`` (I3) and a comment, sent at once (A3)."""
     jittered = retry_ms + random.randint(0, retry_ms)  # noqa: S311 - jitter, not security
