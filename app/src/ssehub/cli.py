@@ -98,7 +98,6 @@ def _serve_gunicorn(config: conf.Config, bind: str, workers: int | None) -> None
         # SIGTERM: the hub drains within SSEHUB_DRAIN_SECONDS; gunicorn kills after this.
         "graceful_timeout": int(config.drain_seconds) + 5,
         "timeout": 30,
-        "worker_connections": 100000,
         "child_exit": child_exit,
         "accesslog": None,
         "errorlog": "-",
