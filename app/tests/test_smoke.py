@@ -168,12 +168,12 @@ def test_smoke_names_lost_delivery(split_proxy: Nginx) -> None:
         result.line())
 
 
-def run_smoke_playbook(url: str) -> subprocess.CompletedProcess[str]:
+def run_smoke_playbook(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
     root = Path(__file__).resolve().parents[2]
     playbook = Path(sys.executable).parent / "ansible-playbook"
     return subprocess.run(
         [str(playbook), "-i", "localhost,", "ansible/playbooks/smoke.yml",
-         "-e", f"ssehub_smoke_url={url}", "-e", f"ssehub_token_secret={SECRET}"],
+         "-e", f"ssehub_smoke_url={url}", "-e", f"ssehub_token_secret={SECRET}", *extra],
         cwd=root, capture_output=True, text=True, timeout=120,
         env={**__import__("os").environ, "ANSIBLE_NOCOLOR": "1"})
 
@@ -186,3 +186,16 @@ def test_smoke_playbook_passes_and_fails_with_the_hop(stack) -> None:  # type: i
     bad = run_smoke_playbook(f"http://127.0.0.1:{free_port()}")
     assert bad.returncode != 0
     assert "FAILED at tcp: cannot connect" in bad.stdout + bad.stderr
+
+
+def test_smoke_connect_to_keeps_the_public_name(stack) -> None:  # type: ignore[no-untyped-def]
+    """--connect-to: the socket goes to the proxy; the URL's name is never resolved."""
+    _, nginx = stack
+    url = f"http://sse.example.invalid:{nginx.port}"
+    assert probe(url, TOKEN, timeout=3).hop == "dns"
+    result = probe(url, TOKEN, connect_to=f"127.0.0.1:{nginx.port}")
+    assert result.ok, result.line()
+    closed = probe(url, TOKEN, timeout=3, connect_to=f"127.0.0.1:{free_port()}")
+    assert closed.hop == "tcp" and "127.0.0.1" in closed.message, closed.line()
+    via_playbook = run_smoke_playbook(url, "-e", f"ssehub_smoke_connect_to=127.0.0.1:{nginx.port}")
+    assert via_playbook.returncode == 0, via_playbook.stdout[-2000:]

@@ -37,6 +37,13 @@ options:
     description: Seconds to wait for the connection and for the event.
     type: float
     default: 5.0
+  connect_to:
+    description:
+      - C(HOST:PORT) (or C(HOST)) to connect to instead of the host in I(url), like curl's
+        C(--connect-to). The Host header and the TLS server name stay those of I(url).
+      - For a proxy behind a load balancer, a port forwarded to the controller, or a name
+        that DNS does not serve yet.
+    type: str
   validate_certs:
     description: Verify the TLS certificate. Set to false for a self-signed certificate.
     type: bool
@@ -98,6 +105,7 @@ def main() -> None:
             "token_secret": {"type": "str", "no_log": True},
             "channel": {"type": "str"},
             "timeout": {"type": "float", "default": 5.0},
+            "connect_to": {"type": "str"},
             "validate_certs": {"type": "bool", "default": True},
         },
         required_one_of=[("token", "token_secret")],
@@ -107,7 +115,7 @@ def main() -> None:
     params = module.params
     token = params["token"] or mint(params["token_secret"])
     result = probe(params["url"], token, channel=params["channel"], timeout=params["timeout"],
-                   insecure=not params["validate_certs"])
+                   insecure=not params["validate_certs"], connect_to=params["connect_to"])
     output = {"changed": False, "latency_ms": result.latency_ms, "channel": result.channel,
               "event_id": result.event_id, "hop": result.hop}
     if result.ok:

@@ -185,7 +185,7 @@ def cmd_smoke(args: argparse.Namespace) -> None:
         token = tokens.mint(_config().token_secret, publish=["smoke.*"], subscribe=["smoke.*"],
                             ttl=300)
     result = probe(args.url, token, channel=args.channel, timeout=args.timeout,
-                   insecure=args.insecure)
+                   insecure=args.insecure, connect_to=args.connect_to)
     print(json.dumps(result.as_dict()) if args.json else result.line(), flush=True)
     sys.exit(0 if result.ok else 1)
 
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--channel", help="default: smoke.<random>")
     smoke.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
     smoke.add_argument("--insecure", action="store_true", help="accept any TLS certificate")
+    smoke.add_argument("--connect-to", metavar="HOST[:PORT]",
+                       help="connect there instead of the URL's host; Host and TLS name stay "
+                            "the URL's (a proxy behind a load balancer, or before DNS)")
     smoke.add_argument("--json", action="store_true", help="print the result as JSON")
     smoke.set_defaults(func=cmd_smoke)
 

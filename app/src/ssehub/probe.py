@@ -5,6 +5,10 @@ On failure it names the first hop that broke, in one readable line: ``dns``,
 ``tcp``, ``tls``, ``proxy status``, ``content type``, ``buffering``,
 ``publish``, ``delivery``.
 
+``connect_to`` ("HOST:PORT", like curl's ``--connect-to``) sends the TCP
+connection elsewhere while the Host header and TLS SNI stay the URL's: the
+check for a proxy behind a load balancer, or before DNS points at it.
+
 Standard library only, on purpose: ``ssehub smoke`` uses it, and so does the
 Ansible module ``sse_probe`` (``ansible/plugins/module_utils/ssehub_probe.py``
 is this file), which runs where ssehub is not installed.
@@ -74,9 +78,20 @@ def _context(insecure: bool) -> ssl.SSLContext:
     return context
 
 
-def _check_transport(parts: urllib.parse.SplitResult, timeout: float, insecure: bool) -> None:
-    host = parts.hostname or ""
+def _target(parts: urllib.parse.SplitResult, connect_to: str | None) -> tuple[str, int]:
+    """Where the TCP connection goes: ``connect_to`` if given, else the URL's host and port."""
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    if not connect_to:
+        return parts.hostname or "", port
+    host, colon, given = connect_to.rpartition(":")
+    if not colon or not given.isdigit():
+        return connect_to.strip("[]"), port
+    return host.strip("[]"), int(given)
+
+
+def _check_transport(parts: urllib.parse.SplitResult, timeout: float, insecure: bool,
+                     target: tuple[str, int]) -> None:
+    host, port = target
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -92,7 +107,7 @@ def _check_transport(parts: urllib.parse.SplitResult, timeout: float, insecure: 
                                    f"{exc.strerror or exc}") from None
         if parts.scheme == "https":
             try:
-                _context(insecure).wrap_socket(sock, server_hostname=host).close()
+                _context(insecure).wrap_socket(sock, server_hostname=parts.hostname).close()
             except (ssl.SSLError, OSError) as exc:
                 raise HopFailed("tls", f"TLS handshake with {host}:{port} failed: {exc} "
                                        "(--insecure accepts a self-signed certificate)") from None
@@ -100,13 +115,20 @@ def _check_transport(parts: urllib.parse.SplitResult, timeout: float, insecure: 
         sock.close()
 
 
-def _connection(parts: urllib.parse.SplitResult, timeout: float,
-                insecure: bool) -> http.client.HTTPConnection:
+def _connection(parts: urllib.parse.SplitResult, timeout: float, insecure: bool,
+                target: tuple[str, int]) -> http.client.HTTPConnection:
     host = parts.hostname or ""
+    connection: http.client.HTTPConnection
     if parts.scheme == "https":
-        return http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout,
-                                           context=_context(insecure))
-    return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+        connection = http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout,
+                                                 context=_context(insecure))
+    else:
+        connection = http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+    # Host header and SNI come from host/port above; only the socket goes to target.
+    # _create_connection is http.client's hook for exactly this (its tests use it).
+    connection._create_connection = (  # type: ignore[attr-defined]
+        lambda _address, wait, source=None: socket.create_connection(target, wait, source))
+    return connection
 
 
 def _read_until(response: http.client.HTTPResponse, buffer: bytearray, marker: bytes,
@@ -128,7 +150,8 @@ def _read_until(response: http.client.HTTPResponse, buffer: bytearray, marker: b
 
 
 def probe(url: str, token: str, *, channel: str | None = None, timeout: float = 5.0,
-          insecure: bool = False, publish_token: str | None = None) -> ProbeResult:
+          insecure: bool = False, publish_token: str | None = None,
+          connect_to: str | None = None) -> ProbeResult:
     """Run the smoke test against the hub behind ``url`` (its public base URL)."""
     channel = channel or f"smoke.{secrets.token_hex(6)}"
     parts = urllib.parse.urlsplit(url.rstrip("/"))
@@ -138,8 +161,9 @@ def probe(url: str, token: str, *, channel: str | None = None, timeout: float = 
     try:
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise HopFailed("dns", f"not an http(s) URL: {url!r}")
-        _check_transport(parts, timeout, insecure)
-        stream = _connection(parts, timeout, insecure)
+        target = _target(parts, connect_to)
+        _check_transport(parts, timeout, insecure, target)
+        stream = _connection(parts, timeout, insecure, target)
         query = urllib.parse.urlencode({"channel": channel})
         try:
             stream.request("GET", f"{base}/events/?{query}",
@@ -172,7 +196,7 @@ def probe(url: str, token: str, *, channel: str | None = None, timeout: float = 
                                          "flush_interval -1)")
         sent = time.monotonic()
         event_id = _publish(parts, base, publish_token or token, channel, marker, timeout,
-                            insecure)
+                            insecure, target)
         deadline = sent + timeout
         needle = f"data: {marker}\n".encode()
         if not _read_until(response, buffer, needle, deadline, sock):
@@ -189,8 +213,8 @@ def probe(url: str, token: str, *, channel: str | None = None, timeout: float = 
 
 
 def _publish(parts: urllib.parse.SplitResult, base: str, token: str, channel: str,
-             marker: str, timeout: float, insecure: bool) -> str:
-    connection = _connection(parts, timeout, insecure)
+             marker: str, timeout: float, insecure: bool, target: tuple[str, int]) -> str:
+    connection = _connection(parts, timeout, insecure, target)
     try:
         connection.request("POST", f"{base}/publish/",
                            body=json.dumps({"channel": channel, "data": marker}),
