@@ -41,6 +41,13 @@ MARKER = "\x1e"
 LOCK_ID = 0x55E_4B1D  # pg_advisory_xact_lock key for publishes
 POLL_SECONDS = 1.0
 IDLE_CHECK_SECONDS = 5.0
+# The idle health check must answer within this, or the listener reconnects (G3:
+# a silent route never closes the socket, so only our own check can notice).
+DEAD_AFTER_SECONDS = 10.0
+# Kernel-level detection of half-open sockets on every connection: keepalive
+# probes when idle, and tcp_user_timeout when sent data is never acknowledged.
+TCP_OPTIONS: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+               "keepalives_count": 3, "tcp_user_timeout": 20_000}
 RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 SCHEMA = """
@@ -87,7 +94,8 @@ class PostgresBroker(Broker):
         self.conninfo = _conninfo(url)
         self.listen_conninfo = _conninfo(config.pg_listen_url or url)
         self.pool = AsyncConnectionPool(self.conninfo, min_size=1, max_size=1, open=False,
-                                        kwargs={"autocommit": True}, timeout=10)
+                                        kwargs={"autocommit": True, **TCP_OPTIONS},
+                                        timeout=10)
         self._channels: set[str] = set()
         self._pending: list[tuple[str, bool, asyncio.Future[None] | None]] = []
         self._last_id: dict[str, int] = {}
@@ -144,7 +152,7 @@ class PostgresBroker(Broker):
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                        self.listen_conninfo, autocommit=True) as conn:
+                        self.listen_conninfo, autocommit=True, **TCP_OPTIONS) as conn:
                     attempt = 0
                     await self._listen_loop(conn)
             except asyncio.CancelledError:
@@ -178,7 +186,8 @@ class PostgresBroker(Broker):
                 idle_since = time.monotonic()
                 await self._deliver(conn, batch)
             elif time.monotonic() - idle_since > IDLE_CHECK_SECONDS:
-                await conn.execute("SELECT 1")  # detects a dead socket (G3)
+                # A socket that went silent (G3) never fails on its own.
+                await asyncio.wait_for(conn.execute("SELECT 1"), DEAD_AFTER_SECONDS)
                 idle_since = time.monotonic()
 
     async def _ensure_schema_on(self, conn: psycopg.AsyncConnection[Any]) -> None:

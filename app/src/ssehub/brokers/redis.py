@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from ..sse import Event
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 MARKER = "\x1e"
 IDLE_PING_SECONDS = 5.0
 DEAD_AFTER_SECONDS = 12.0
+# A command connection that stops answering (a dropped route, a stuck Redis) fails
+# the publish with 503 after this long instead of holding it (G3).
+COMMAND_TIMEOUT_SECONDS = 5.0
 RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 MAX_BATCH = 256
 
@@ -90,9 +95,13 @@ class RedisBroker(Broker):
         options: dict[str, Any] = {"socket_keepalive": True, "socket_connect_timeout": 5,
                                    "health_check_interval": 0}
         # One command connection, shared: callers queue for it rather than opening more
-        # (G4: a worker holds two connections in all, whatever the load).
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=1, timeout=5,
-                                                        **options)
+        # (G4: a worker holds two connections in all, whatever the load). An explicit
+        # timeout (redis-py's default differs between releases) and no resending
+        # inside redis-py: a publish whose reply was lost may have been stored, so
+        # the caller gets 503 and retries with its Idempotency-Key instead.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=1, timeout=5, socket_timeout=COMMAND_TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 0), **options)
         self.redis = aioredis.Redis(connection_pool=pool)
         self._listener_client = aioredis.Redis.from_url(url, **options)
         self._script = self.redis.register_script(PUBLISH_SCRIPT)
