@@ -1,4 +1,4 @@
-"""Real servers for the tests: Redis, PostgreSQL, nginx and the hub under gunicorn.
+"""Real servers for the tests: Redis, PostgreSQL, nginx, Caddy and the hub under gunicorn.
 
 Each runs from Debian's packages on a free loopback port in a temporary
 directory, and is stopped by the PID we started. PostgreSQL refuses to run as
@@ -8,6 +8,7 @@ root, so as root it runs as the ``postgres`` user the Debian package creates.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -141,7 +143,8 @@ class Nginx:
     def __init__(self, directory: Path, upstreams: list[int], *,
                  locations: Path = TEMPLATES / "nginx/ssehub-locations.conf",
                  http_extra: str = "", server_extra: str = "", workers: int = 1,
-                 worker_connections: int = 4096) -> None:
+                 worker_connections: int = 4096, tls: tuple[Path, Path] | None = None,
+                 http2: bool = False) -> None:
         self.dir = directory
         self.workers = workers
         self.worker_connections = worker_connections
@@ -150,10 +153,16 @@ class Nginx:
         self.locations = locations
         self.http_extra = http_extra
         self.server_extra = server_extra
+        self.tls = tls  # (certificate, key): listen with TLS
+        self.http2 = http2
         self.process: subprocess.Popen[bytes] | None = None
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     def config(self) -> str:
+        listen = f"127.0.0.1:{self.port}" + (" ssl" if self.tls else "") + (
+            " http2" if self.http2 else "")
+        tls = (f"ssl_certificate {self.tls[0]};\n        ssl_certificate_key {self.tls[1]};"
+               if self.tls else "")
         upstream = (TEMPLATES / "nginx/ssehub-upstream.conf").read_text()
         servers = "".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;\n"
                           for p in self.upstreams)
@@ -181,7 +190,8 @@ http {{
     {upstream}
     {self.http_extra}
     server {{
-        listen 127.0.0.1:{self.port};
+        listen {listen};
+        {tls}
         {self.server_extra}
         include {self.locations};
     }}
@@ -199,6 +209,104 @@ http {{
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process, signal.SIGQUIT)
+
+
+class Caddy:
+    """Caddy on loopback with the site from templates/caddy/Caddyfile.ssehub, adapted as
+    its header says (the site address and the upstream addresses), like the caddy role."""
+
+    SNIPPET = TEMPLATES / "caddy/Caddyfile.ssehub"
+    SITE = "example.org {"
+    UPSTREAM = "reverse_proxy 127.0.0.1:8000"
+
+    def __init__(self, directory: Path, upstreams: list[int]) -> None:
+        self.dir = directory
+        self.port = free_port()
+        self.upstreams = upstreams
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_file = directory / "Caddyfile"
+        self.log = directory / "caddy.log"
+        # Caddy keeps certificates, locks and autosaved config under HOME/XDG dirs.
+        self.env = {**os.environ, "HOME": str(directory),
+                    "XDG_DATA_HOME": str(directory / "data"),
+                    "XDG_CONFIG_HOME": str(directory / "config")}
+
+    def config(self) -> str:
+        site = self.SNIPPET.read_text()
+        if site.count(self.SITE) != 1 or site.count(self.UPSTREAM) < 2:
+            raise ValueError(f"{self.SNIPPET}: expected one '{self.SITE}' line and "
+                             f"'{self.UPSTREAM}' on both routes")
+        site = site.replace(self.SITE, f"http://127.0.0.1:{self.port} {{")
+        site = site.replace(self.UPSTREAM, "reverse_proxy " + " ".join(
+            f"127.0.0.1:{p}" for p in self.upstreams))
+        # No admin endpoint (it would listen on the fixed port 2019), loopback only,
+        # and a bounded grace period as the caddy role sets (C4).
+        return f"{{\n\tadmin off\n\tdefault_bind 127.0.0.1\n\tgrace_period 2s\n}}\n\n{site}"
+
+    def _caddy(self, command: str) -> subprocess.CompletedProcess[str]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(self.config())
+        return subprocess.run(["caddy", command, "--adapter", "caddyfile",
+                               "--config", str(self.config_file)],
+                              env=self.env, capture_output=True, text=True, timeout=60)
+
+    def validate(self) -> subprocess.CompletedProcess[str]:
+        return self._caddy("validate")
+
+    def adapt(self) -> dict[str, Any]:
+        """The JSON configuration Caddy makes of the Caddyfile."""
+        adapted = self._caddy("adapt")
+        adapted.check_returncode()
+        config: dict[str, Any] = json.loads(adapted.stdout)
+        return config
+
+    def start(self) -> None:
+        checked = self.validate()
+        if checked.returncode != 0:
+            raise RuntimeError(f"caddy validate failed:\n{checked.stdout}{checked.stderr}")
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                ["caddy", "run", "--adapter", "caddyfile", "--config", str(self.config_file)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._ready, what=f"caddy (log: {self.log})")
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"caddy exited: {self.log.read_text()[-2000:]}")
+        return port_open(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+
+def self_signed_certificate(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A certificate for ``host`` (an IP address) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
 
 
 class Hub:
