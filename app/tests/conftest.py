@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from servers import Hub, Nginx, Postgres, Redis
+from servers import Caddy, Hub, Nginx, Postgres, Redis, running
 
 SECRET = secrets.token_urlsafe(48)
 _counter = itertools.count()
@@ -134,6 +134,14 @@ def stack(redis_server: Redis, pg_server: Postgres,
     # E1: no callback blocked the event loop (asyncio debug mode logs any > 100 ms).
     slow = [line for line in hub.output().splitlines() if "Executing <" in line]
     assert not slow, "blocking calls on the event loop:\n" + "\n".join(slow[:5])
+
+
+@pytest.fixture(scope="session")
+def caddy(stack: tuple[Hub, Nginx], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Caddy]:
+    """Caddy with templates/caddy/Caddyfile.ssehub in front of the stack's hub."""
+    hub, _ = stack
+    with running(Caddy(tmp_path_factory.mktemp("caddy"), [hub.port])) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""End to end: ``ssehub serve`` (gunicorn, two uvicorn workers) behind a real nginx.
+"""End to end: ``ssehub serve`` (gunicorn, two uvicorn workers) behind a real nginx
+and, for the checks that a stream crosses a proxy intact, behind a real Caddy too.
 
 Streams are read with httpx-sse, a parser we did not write, and raw bytes where
 timing or comments matter. Each test names the FAILURE-MODES row it pins.
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from conftest import SECRET, base_env, fresh_database
 from httpx_sse import aconnect_sse
-from servers import Hub, Postgres, Redis
+from servers import Caddy, Hub, Nginx, Postgres, Redis
 
 from ssehub import tokens
 
@@ -31,6 +32,15 @@ def token(publish: list[str] | None = None, subscribe: list[str] | None = None,
 
 def auth(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
+
+
+@pytest.fixture(params=["nginx", "caddy"])
+def proxy(request: pytest.FixtureRequest, stack: tuple[Hub, Nginx]) -> Nginx | Caddy:
+    """The stack's hub behind nginx (templates/nginx) or Caddy (templates/caddy)."""
+    if request.param == "nginx":
+        return stack[1]
+    caddy: Caddy = request.getfixturevalue("caddy")
+    return caddy
 
 
 @pytest.fixture
@@ -65,10 +75,9 @@ async def read_events(client: httpx.AsyncClient, url: str, count: int,
     return got
 
 
-async def test_a3_first_bytes_at_once_through_nginx(stack, client) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
+async def test_a3_first_bytes_at_once_through_proxy(proxy, client) -> None:  # type: ignore[no-untyped-def]
     started = time.monotonic()
-    async with client.stream("GET", f"{nginx.url}/events/?channel=public.a3") as response:
+    async with client.stream("GET", f"{proxy.url}/events/?channel=public.a3") as response:
         first = await anext(response.aiter_raw())
         elapsed = time.monotonic() - started
     assert response.status_code == 200
@@ -96,24 +105,28 @@ async def test_head_answers_the_stream_headers_and_ends(stack, client) -> None: 
     assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
 
 
-async def test_a6_no_compression_through_nginx(stack, client) -> None:  # type: ignore[no-untyped-def]
-    """The harness turns gzip on for text/event-stream; the stream location turns it off."""
-    _, nginx = stack
-    async with client.stream("GET", f"{nginx.url}/events/?channel=public.gz",
+async def test_a6_d4_stream_headers_and_no_compression_through_proxy(proxy, client) -> None:  # type: ignore[no-untyped-def]
+    """Compression is on around the stream (the nginx harness gzips text/event-stream,
+    the Caddy site encodes its catch-all route); the stream route turns it off."""
+    async with client.stream("GET", f"{proxy.url}/events/?channel=public.gz",
                              headers={"Accept-Encoding": "gzip, br, zstd"}) as response:
-        assert "content-encoding" not in response.headers
+        headers = response.headers
         first = await anext(response.aiter_raw())
+    assert response.status_code == 200
+    assert headers["content-type"] == "text/event-stream"
+    assert headers["cache-control"] == "no-cache"
+    for name in ("content-encoding", "content-length"):
+        assert name not in headers, f"{name}: {headers[name]}"
     assert first.startswith(b"retry: ")
 
 
-async def test_a1_one_event_per_second_arrives_without_buffering(stack, client) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
+async def test_a1_one_event_per_second_arrives_without_buffering(proxy, client) -> None:  # type: ignore[no-untyped-def]
     channel = "a1.tick"
     latencies: list[float] = []
     sent_at: dict[str, float] = {}
 
     async def reader() -> None:
-        async with aconnect_sse(client, "GET", f"{nginx.url}/events/?channel={channel}",
+        async with aconnect_sse(client, "GET", f"{proxy.url}/events/?channel={channel}",
                                 headers=auth(token(subscribe=[channel]))) as source:
             async for event in source.aiter_sse():
                 if event.data in sent_at:
@@ -125,17 +138,16 @@ async def test_a1_one_event_per_second_arrives_without_buffering(stack, client) 
     await asyncio.sleep(0.3)
     for i in range(3):
         sent_at[f"tick {i}"] = time.monotonic()
-        await publish(client, nginx.url, channel, f"tick {i}")
+        await publish(client, proxy.url, channel, f"tick {i}")
         await asyncio.sleep(1)
     await asyncio.wait_for(task, 5)
     assert max(latencies) < 1.5, latencies
 
 
-async def test_a2_heartbeats_arrive_on_an_idle_stream(stack, client) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
+async def test_a2_heartbeats_arrive_on_an_idle_stream(proxy, client) -> None:  # type: ignore[no-untyped-def]
     comments = 0
     started = time.monotonic()
-    async with client.stream("GET", f"{nginx.url}/events/?channel=public.idle") as response:
+    async with client.stream("GET", f"{proxy.url}/events/?channel=public.idle") as response:
         async for line in response.aiter_lines():
             if line == ":":
                 comments += 1
@@ -144,11 +156,10 @@ async def test_a2_heartbeats_arrive_on_an_idle_stream(stack, client) -> None:  #
     assert time.monotonic() - started < 3.5  # SSEHUB_HEARTBEAT=1
 
 
-async def test_i1_last_event_id_replays_the_gap_through_nginx(stack, client) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
+async def test_i1_last_event_id_replays_the_gap_through_proxy(proxy, client) -> None:  # type: ignore[no-untyped-def]
     channel = "i1.replay"
-    ids = [await publish(client, nginx.url, channel, f"m{i}") for i in range(5)]
-    url = f"{nginx.url}/events/?channel={channel}"
+    ids = [await publish(client, proxy.url, channel, f"m{i}") for i in range(5)]
+    url = f"{proxy.url}/events/?channel={channel}"
     sub = auth(token(subscribe=[channel]))
     by_header = await read_events(client, url, 3, {**sub, "Last-Event-ID": ids[1]})
     assert [e.id for e in by_header] == ids[2:]
@@ -156,37 +167,34 @@ async def test_i1_last_event_id_replays_the_gap_through_nginx(stack, client) -> 
     assert [(e.id, e.data) for e in by_query] == [(ids[4], "m4")]
 
 
-async def test_i1_replay_then_live_without_gap_or_duplicate(stack, client) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
+async def test_i1_replay_then_live_without_gap_or_duplicate(proxy, client) -> None:  # type: ignore[no-untyped-def]
     channel = "i1.join"
-    first = await publish(client, nginx.url, channel, "before")
-    url = f"{nginx.url}/events/?channel={channel}"
+    first = await publish(client, proxy.url, channel, "before")
+    url = f"{proxy.url}/events/?channel={channel}"
     headers = {**auth(token(subscribe=[channel])), "Last-Event-ID": str(int(first) - 1)}
     reader = asyncio.create_task(read_events(client, url, 21, headers))
     published = [first]
     for i in range(20):  # publish while the reader replays and joins the live stream
-        published.append(await publish(client, nginx.url, channel, f"live {i}"))
+        published.append(await publish(client, proxy.url, channel, f"live {i}"))
     events = await asyncio.wait_for(reader, 10)
     assert [e.id for e in events] == published
 
 
-async def test_i1_unknown_id_gets_a_reset_event(stack, client) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
-    events = await read_events(client, f"{nginx.url}/events/?channel=public.reset", 1,
+async def test_i1_unknown_id_gets_a_reset_event(proxy, client) -> None:  # type: ignore[no-untyped-def]
+    events = await read_events(client, f"{proxy.url}/events/?channel=public.reset", 1,
                                {"Last-Event-ID": "999999999999"})
     assert events[0].event == "reset"
     assert json.loads(events[0].data)["reason"] == "unknown id"
 
 
-async def test_a7_clients_get_only_their_own_events(stack, client) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
-    alice = asyncio.create_task(read_events(client, f"{nginx.url}/events/?channel=user.alice", 1,
+async def test_a7_clients_get_only_their_own_events(proxy, client) -> None:  # type: ignore[no-untyped-def]
+    alice = asyncio.create_task(read_events(client, f"{proxy.url}/events/?channel=user.alice", 1,
                                             auth(token(subscribe=["user.alice"]))))
-    bob = asyncio.create_task(read_events(client, f"{nginx.url}/events/?channel=user.bob", 1,
+    bob = asyncio.create_task(read_events(client, f"{proxy.url}/events/?channel=user.bob", 1,
                                           auth(token(subscribe=["user.bob"]))))
     await asyncio.sleep(0.5)
-    await publish(client, nginx.url, "user.alice", "for alice")
-    await publish(client, nginx.url, "user.bob", "for bob")
+    await publish(client, proxy.url, "user.alice", "for alice")
+    await publish(client, proxy.url, "user.bob", "for bob")
     assert [e.data for e in await alice] == ["for alice"]
     assert [e.data for e in await bob] == ["for bob"]
 
@@ -207,22 +215,20 @@ async def test_i3_retry_is_jittered(stack, client) -> None:  # type: ignore[no-u
     "two\nlines", "trailing newline\n", "\n\n", "line\u2028separator", " leading space",
     {"text": "crlf\r\nin json", "n": [1, 2]},
 ], ids=["lf", "trailing", "blank-lines", "u2028", "space", "json-crlf"])
-async def test_i5_i6_payloads_round_trip(stack, client, data) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
+async def test_i5_i6_payloads_round_trip(proxy, client, data) -> None:  # type: ignore[no-untyped-def]
     channel = "i5.payload"
-    event_id = await publish(client, nginx.url, channel, data)
-    events = await read_events(client, f"{nginx.url}/events/?channel={channel}", 1,
+    event_id = await publish(client, proxy.url, channel, data)
+    events = await read_events(client, f"{proxy.url}/events/?channel={channel}", 1,
                                {**auth(token(subscribe=[channel])),
                                 "Last-Event-ID": str(int(event_id) - 1)})
     expected = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     assert events[0].data == expected and events[0].id == event_id
 
 
-async def test_i6_cr_in_string_data_arrives_as_lf(stack, client) -> None:  # type: ignore[no-untyped-def]
+async def test_i6_cr_in_string_data_arrives_as_lf(proxy, client) -> None:  # type: ignore[no-untyped-def]
     """SSE cannot carry CR in data; the hub sends it as a line break (documented)."""
-    _, nginx = stack
-    event_id = await publish(client, nginx.url, "i6.cr", "a\r\nb\rc")
-    events = await read_events(client, f"{nginx.url}/events/?channel=i6.cr", 1,
+    event_id = await publish(client, proxy.url, "i6.cr", "a\r\nb\rc")
+    events = await read_events(client, f"{proxy.url}/events/?channel=i6.cr", 1,
                                {**auth(token(subscribe=["i6.cr"])),
                                 "Last-Event-ID": str(int(event_id) - 1)})
     assert events[0].data == "a\nb\nc"
@@ -342,9 +348,8 @@ async def test_health_and_readiness(stack, client) -> None:  # type: ignore[no-u
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
-async def test_chat_demo_posts_reach_the_stream(stack, client) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
-    async with httpx.AsyncClient(base_url=nginx.url, timeout=10) as browser:
+async def test_chat_demo_posts_reach_the_stream(proxy, client) -> None:  # type: ignore[no-untyped-def]
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as browser:
         page = await browser.get("/?room=e2e")
         assert page.status_code == 200 and "EventSource" in page.text
         assert "ssehub_token" in browser.cookies
@@ -354,7 +359,7 @@ async def test_chat_demo_posts_reach_the_stream(stack, client) -> None:  # type:
         await asyncio.sleep(0.5)
         sent = await browser.post("/chat/messages/", data={
             "csrfmiddlewaretoken": csrf.group(1), "room": "e2e", "author": "ann",
-            "text": "hello\r\nworld\u2028!"}, headers={"Referer": nginx.url + "/"})
+            "text": "hello\r\nworld\u2028!"}, headers={"Referer": proxy.url + "/"})
         assert sent.status_code == 201, sent.text
         events = await asyncio.wait_for(reader, 5)
     message = json.loads(events[0].data)
