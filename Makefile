@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := redis-server postgresql pgbouncer nginx caddy curl
+DEBIAN_PACKAGES := redis-server postgresql pgbouncer nginx caddy curl chromium
 
 .PHONY: help deps venv up down test lint test-app bench wheel
 
