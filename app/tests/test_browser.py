@@ -75,10 +75,9 @@ def tls_stack(redis_server: Redis, pg_server: Postgres,
     hub = Hub(directory, env, workers=2)
     h2 = _nginx(directory / "h2", hub.port, cert, http2=True)
     h1 = _nginx(directory / "h1", hub.port, cert, http2=False)
-    # The chat form's POST carries Origin https://127.0.0.1:PORT, while nginx passes
-    # `Host $host` (no port): Django's CSRF check needs the origin trusted, as deploys
-    # set it (ssehub_csrf_trusted_origins).
-    hub.env["SSEHUB_CSRF_TRUSTED_ORIGINS"] = f"{h2.url},{h1.url}"
+    # No SSEHUB_CSRF_TRUSTED_ORIGINS: the chat form's POST carries Origin
+    # https://127.0.0.1:PORT, and the snippet passes Host as the client sent it
+    # ($http_host, port included), so Django's CSRF origin check passes on its own.
     verify = ssl.create_default_context(cafile=str(cert[0]))
     with (running(hub), running(h2), running(h1),
           httpx.Client(verify=verify, timeout=10) as http):
