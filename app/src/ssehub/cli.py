@@ -108,6 +108,11 @@ def _serve_gunicorn(config: conf.Config, bind: str, workers: int | None) -> None
         def load_config(self) -> None:
             for key, value in options.items():
                 self.cfg.set(key, value)
+            # gunicorn 27 opens a control socket in $HOME/.gunicorn by default: one
+            # path shared by every hub of a user, and a write outside the unit's
+            # ReadWritePaths. Nothing here uses it.
+            if "control_socket_disable" in self.cfg.settings:
+                self.cfg.set("control_socket_disable", True)
 
         def load(self) -> Any:
             from .asgi import application
