@@ -6,11 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := redis-server postgresql pgbouncer nginx caddy curl chromium
 
-.PHONY: help deps venv up down test lint test-app bench wheel
+.PHONY: help deps venv up-local down-local test lint test-app bench wheel
 
 help:
-	@echo "make up      start Redis, PostgreSQL, the hub (gunicorn) and nginx on loopback; smoke-test it"
-	@echo "make down    stop what make up started"
+	@echo "make up      the cluster in Vagrant (docker): proxy, app hosts, Redis, PostgreSQL deployed by site.yml; smoke-tested"
+	@echo "make down    vagrant destroy -f"
+	@echo "make up-local    start Redis, PostgreSQL, the hub (gunicorn) and nginx on loopback; smoke-test it"
+	@echo "make down-local  stop what make up-local started"
 	@echo "make test    lint (Python, roles), the app's tests (real Redis, PostgreSQL, nginx), the Molecule cluster scenarios"
 	@echo "make bench   the benchmark (prints figures)"
 
@@ -31,10 +33,10 @@ $(STAMP): app/pyproject.toml $(wildcard requirements-deploy.txt)
 
 venv: $(STAMP)
 
-up: deps venv
+up-local: deps venv
 	$(PY) tests/stack.py up
 
-down:
+down-local:
 	$(PY) tests/stack.py down
 
 lint: venv
@@ -46,7 +48,7 @@ test-app: deps venv
 
 # lint-deploy and test-cluster live in mk/cluster.mk: yamllint, ansible-lint
 # production profile, role checks; then both Molecule scenarios (docker, systemd).
-test: lint lint-deploy test-app test-cluster
+test: lint lint-deploy test-app test-cluster test-vagrant
 
 bench: deps venv
 	$(PY) tests/bench/run.py
@@ -55,3 +57,4 @@ wheel: venv
 	$(PY) -m pip wheel --no-deps -w dist ./app
 
 -include mk/cluster.mk
+-include mk/vagrant.mk

@@ -1,4 +1,4 @@
-"""``make up`` / ``make down``: the whole stack on loopback, then a smoke test.
+"""``make up-local`` / ``make down-local``: the whole stack on loopback, then a smoke test.
 
 Starts Redis, PostgreSQL, the hub under gunicorn (two uvicorn workers) and
 nginx with the snippets from ``templates/nginx``, the same servers the tests
@@ -31,7 +31,7 @@ def step(text: str) -> None:
 
 def up() -> None:
     if PIDS.exists():
-        sys.exit(f"already up (see {PIDS}); run `make down` first")
+        sys.exit(f"already up (see {PIDS}); run `make down-local` first")
     STATE.mkdir(parents=True, exist_ok=True)
     env_file = STATE / "ssehub.env"
     env = {
@@ -85,7 +85,7 @@ ssekit is up (event crossed nginx in {latency * 1000:.0f} ms).
                 -d channel=demo -d data=hello {nginx.url}/publish/
   metrics:    curl {nginx.url}/metrics
   settings:   {env_file}
-Stop it with: make down""")
+Stop it with: make down-local""")
 
 
 def smoke(url: str, secret: str) -> float:

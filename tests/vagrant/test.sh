@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# `make test-vagrant`: the `vagrant up` door, from scratch.
+#   1. vagrant up (docker provider): the machines, then site.yml deploys them
+#      and ends with the smoke test, one event across the proxy;
+#   2. vagrant ssh reaches a host, and the hub runs there;
+#   3. vagrant provision deploys again: every host in the PLAY RECAP, the
+#      controller's smoke play included, reports changed=0;
+#   4. vagrant destroy -f, always (also on failure or interrupt).
+# Needs what `make vagrant-image` prepares (vagrant, dockerd, the image, .venv).
+# Logs: .cache/vagrant/.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+export PATH="$root/.venv/bin:$PATH" VAGRANT_NO_COLOR=1
+logs="$root/.cache/vagrant"
+mkdir -p "$logs"
+
+step() { echo "==> test-vagrant: $*"; }
+fail() { echo "test-vagrant: FAILED: $*" >&2; exit 1; }
+# Runs a long step with its output in a log; prints the log's tail if it fails.
+logged() {
+  local name="$1" limit="$2"; shift 2
+  local started=$SECONDS
+  if ! timeout "$limit" "$@" >"$logs/$name.log" 2>&1; then
+    tail -n 60 "$logs/$name.log" >&2
+    fail "$name (log: $logs/$name.log)"
+  fi
+  step "$name took $((SECONDS - started)) s"
+}
+
+# The containers have fixed names: another checkout's cluster (or `make up`
+# here) must go first, and this test must not destroy someone's cluster.
+if [ -n "$(docker ps -aq --filter 'name=^/ssekit-vagrant-')" ]; then
+  fail "containers named ssekit-vagrant-* exist; run \`make down\` (or \`vagrant destroy -f\` in the checkout that made them) first"
+fi
+
+destroy() {
+  local rc=$?
+  trap - EXIT INT TERM
+  step "vagrant destroy -f"
+  timeout 600 vagrant destroy -f >"$logs/destroy.log" 2>&1 || { tail -n 20 "$logs/destroy.log" >&2; rc=1; }
+  step "$( [ "$rc" = 0 ] && echo passed || echo failed ) in $SECONDS s"
+  exit "$rc"
+}
+trap destroy EXIT
+trap 'exit 130' INT TERM
+
+step "vagrant up --provider=docker (machines, then site.yml and the smoke test)"
+logged up 2400 vagrant up --provider=docker
+grep -E "msg: 'ok: event [0-9]+ crossed" "$logs/up.log" || fail "no smoke test result in $logs/up.log"
+
+step "vagrant ssh app1: the hub runs"
+[ "$(timeout 60 vagrant ssh app1 -c 'systemctl is-active ssehub' 2>/dev/null | tr -d '\r')" = active ] ||
+  fail "vagrant ssh app1 did not find ssehub active"
+
+step "vagrant provision (the deploy again: nothing may change)"
+logged provision 1800 vagrant provision
+recap="$(awk '/^PLAY RECAP/ { seen = 1; next } seen && / : ok=/' "$logs/provision.log")"
+echo "$recap"
+machines="$(vagrant status --machine-readable | awk -F, '$3 == "state" { n++ } END { print n }')"
+[ "$(grep -c . <<<"$recap")" -eq "$((machines + 1))" ] ||
+  fail "the PLAY RECAP should list $machines machines and localhost"
+grep -q '^localhost .* ok=[1-9]' <<<"$recap" || fail "the smoke play did not run on localhost"
+if grep -vE ' changed=0 +unreachable=0 +failed=0 ' <<<"$recap"; then
+  fail "the second deploy changed something or failed (above; log: $logs/provision.log)"
+fi
+grep -E "msg: 'ok: event [0-9]+ crossed" "$logs/provision.log" || fail "no smoke test result after provision"
