@@ -140,7 +140,7 @@ class Postgres:
 class Nginx:
     """nginx on loopback with the snippets from templates/nginx, as ops include them."""
 
-    def __init__(self, directory: Path, upstreams: list[int], *,
+    def __init__(self, directory: Path, upstreams: list[int | str], *,
                  locations: Path = TEMPLATES / "nginx/ssehub-locations.conf",
                  http_extra: str = "", server_extra: str = "", workers: int = 1,
                  worker_connections: int = 4096, tls: tuple[Path, Path] | None = None,
@@ -164,8 +164,8 @@ class Nginx:
         tls = (f"ssl_certificate {self.tls[0]};\n        ssl_certificate_key {self.tls[1]};"
                if self.tls else "")
         upstream = (TEMPLATES / "nginx/ssehub-upstream.conf").read_text()
-        servers = "".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;\n"
-                          for p in self.upstreams)
+        servers = "".join(f"    server {p if isinstance(p, str) else f'127.0.0.1:{p}'} "
+                          "max_fails=1 fail_timeout=5s;\n" for p in self.upstreams)
         upstream = upstream.replace(
             "    server 127.0.0.1:8000 max_fails=1 fail_timeout=5s;\n", servers)
         return f"""
@@ -312,7 +312,8 @@ def self_signed_certificate(directory: Path, host: str = "127.0.0.1") -> tuple[P
 class Hub:
     """``ssehub serve`` (gunicorn + uvicorn workers) as users run it."""
 
-    def __init__(self, directory: Path, env: dict[str, str], workers: int = 1) -> None:
+    def __init__(self, directory: Path, env: dict[str, str], workers: int = 1,
+                 unix_socket: bool = False) -> None:
         self.dir = directory
         self.port = free_port()
         self.env = {**os.environ, **env}
@@ -320,23 +321,37 @@ class Hub:
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = directory / f"hub-{self.port}.log"
+        # unix_socket: listen on a Unix socket (a proxy on the same host) instead of TCP,
+        # in a directory nginx's unprivileged workers can traverse.
+        self.socket: Path | None = None
+        if unix_socket:
+            socket_dir = Path(tempfile.mkdtemp(prefix="ssehub-sock-"))
+            socket_dir.chmod(0o755)
+            self.socket = socket_dir / "hub.sock"
+        self.bind = f"unix:{self.socket}" if self.socket else f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ssehub.cli", "serve", "--bind",
-                 f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
+                [sys.executable, "-m", "ssehub.cli", "serve", "--bind", self.bind,
+                 "--workers", str(self.workers)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._ready, what=f"hub (log: {self.log})")
 
     def _ready(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"hub exited: {self.log.read_text()[-2000:]}")
-        return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
+        if self.socket is not None and not self.socket.exists():
+            return False  # (httpcore leaks the socket of a failed Unix connect)
+        transport = httpx.HTTPTransport(uds=str(self.socket)) if self.socket else None
+        with httpx.Client(transport=transport) as client:
+            return client.get(self.url + "/readyz", timeout=1).status_code == 200
 
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process, timeout=30)
+        if self.socket is not None:
+            shutil.rmtree(self.socket.parent, ignore_errors=True)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

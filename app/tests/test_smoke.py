@@ -199,3 +199,25 @@ def test_smoke_connect_to_keeps_the_public_name(stack) -> None:  # type: ignore[
     assert closed.hop == "tcp" and "127.0.0.1" in closed.message, closed.line()
     via_playbook = run_smoke_playbook(url, "-e", f"ssehub_smoke_connect_to=127.0.0.1:{nginx.port}")
     assert via_playbook.returncode == 0, via_playbook.stdout[-2000:]
+
+
+def test_hub_on_a_unix_socket_behind_nginx(redis_server: Redis, tmp_path: Path) -> None:
+    """`ssehub serve --bind unix:/path`: a proxy on the same host reaches the hub
+    over a Unix socket (cheaper per event than loopback TCP; README, figures)."""
+    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="uds:",
+                   SSEHUB_DATA_DIR=str(tmp_path))
+    hub = Hub(tmp_path, env, workers=1, unix_socket=True)
+    with running(hub):
+        assert hub.socket is not None and hub.socket.is_socket()
+        with running(Nginx(tmp_path, [f"unix:{hub.socket}"])) as nginx:
+            result = probe(nginx.url, TOKEN)
+    assert result.ok, result.line()
+    assert hub.socket is not None and not hub.socket.parent.exists()
+
+
+def test_serve_refuses_a_relative_unix_socket() -> None:
+    bad = subprocess.run([sys.executable, "-m", "ssehub.cli", "serve", "--bind", "unix:hub.sock"],
+                         capture_output=True, text=True, timeout=30,
+                         env={**__import__("os").environ,
+                              **base_env(SSEHUB_BROKER_URL="redis://127.0.0.1:1/0")})
+    assert bad.returncode != 0 and "absolute path" in bad.stderr, bad.stderr

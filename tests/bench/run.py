@@ -287,7 +287,7 @@ SECRET = secrets.token_urlsafe(48)
 SCENARIOS = ["fanout-1000", "fanout-4000", "throughput", "idle", "publish", "latency-1"]
 
 
-def bench_nginx(directory: Path, hub_port: int, workers: int) -> Nginx:
+def bench_nginx(directory: Path, hub_port: int | str, workers: int) -> Nginx:
     """nginx with the snippets from templates/nginx, limits raised for the load.
 
     One worker for the fan-out scenarios (several workers on one core wait for
@@ -312,6 +312,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--direct", action="store_true",
                         help="streams and publishes straight to the hub, not through nginx")
+    parser.add_argument("--unix-socket", action="store_true",
+                        help="nginx reaches the hub over a Unix socket (proxy and app on one "
+                             "host) instead of loopback TCP")
     # 19,000 rather than 20,000: these machines cap open files at 20,000 per process
     # (hard limit, not raisable here), and the hub worker holds one socket per stream.
     parser.add_argument("--idle-streams", type=int, default=19000)
@@ -332,8 +335,9 @@ def main() -> None:
     env = {"SSEHUB_BROKER_URL": redis.url, "SSEHUB_TOKEN_SECRET": SECRET,
            "SSEHUB_SECRET_KEY": secrets.token_urlsafe(48), "SSEHUB_DATA_DIR": str(directory),
            "SSEHUB_RETENTION_EVENTS": "100000"}
-    hub = Hub(directory, env, workers=1)
-    nginx = bench_nginx(directory / "nginx", hub.port, workers=1)
+    hub = Hub(directory, env, workers=1, unix_socket=args.unix_socket)
+    upstream = f"unix:{hub.socket}" if hub.socket else hub.port
+    nginx = bench_nginx(directory / "nginx", upstream, workers=1)
     try:
         redis.start()
         hub.start()
@@ -352,7 +356,10 @@ def run_scenarios(args: argparse.Namespace, redis: Redis, hub: Hub, nginx: Nginx
                 *children(nginx.process.pid)):
         pin(pid, "0")
     results: dict[str, dict] = {}
+    if args.direct and hub.socket:
+        sys.exit("--direct and --unix-socket: the load generator speaks TCP only")
     port = hub.port if args.direct else nginx.port
+    upstream = f"unix:{hub.socket}" if hub.socket else hub.port
     for name in args.scenarios:
         print(f"--- {name}", flush=True)
         groups = {"hub": [worker], "nginx": children(nginx.process.pid),
@@ -369,7 +376,7 @@ def run_scenarios(args: argparse.Namespace, redis: Redis, hub: Hub, nginx: Nginx
             result = asyncio.run(throughput(port, 1000, args.seconds, 32))
         elif name == "idle":
             idle_nginx = bench_nginx(Path(tempfile.mkdtemp(prefix="ssehub-bench-idle-")),
-                                     hub.port, workers=4)
+                                     upstream, workers=4)
             idle_nginx.start()
             assert idle_nginx.process is not None
             for pid in (idle_nginx.process.pid, *children(idle_nginx.process.pid)):

@@ -38,17 +38,28 @@ def _django_setup() -> None:
 
 
 def _bind(value: str) -> tuple[str, int]:
+    """HOST:PORT, or ``unix:/absolute/path`` (returned as that string and port 0)."""
+    if value.startswith("unix:"):
+        if not value[5:].startswith("/"):
+            raise argparse.ArgumentTypeError(f"a unix: bind needs an absolute path, not {value!r}")
+        return value, 0
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--bind must be HOST:PORT, not {value!r}")
+        raise argparse.ArgumentTypeError(f"--bind must be HOST:PORT or unix:/path, not {value!r}")
     return host.strip("[]"), int(port)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     config = _config()
     bind = args.bind or config.bind
-    host, port = _bind(bind)
+    try:
+        host, port = _bind(bind)
+    except argparse.ArgumentTypeError as exc:
+        sys.exit(f"ssehub: {exc}")
     if config.embedded:
+        if port == 0:
+            sys.exit("ssehub: the embedded mode listens on HOST:PORT; a unix: bind is for "
+                     "gunicorn behind a proxy on the same host (set SSEHUB_BROKER_URL)")
         _serve_embedded(config, host, port)
     else:
         _serve_gunicorn(config, bind, args.workers)
@@ -206,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the hub")
-    serve.add_argument("--bind", help="HOST:PORT (default SSEHUB_BIND, 127.0.0.1:8000)")
+    serve.add_argument("--bind", help="HOST:PORT or unix:/path (default SSEHUB_BIND, "
+                       "127.0.0.1:8000)")
     serve.add_argument("--workers", type=int, help="gunicorn workers (default SSEHUB_WORKERS)")
     serve.set_defaults(func=cmd_serve)
 
