@@ -15,12 +15,13 @@ done
 port="$(sed -n 's/^ssekit_vagrant_https_port=//p' "$inventory")"
 proxy="$(sed -n 's/^ssekit_vagrant_proxy=//p' "$inventory")"
 base="https://localhost:$port"
+apps="$(grep -c '^app[0-9]* ansible_host=' "$inventory")"
 publish_token="$(SSEHUB_TOKEN_SECRET="$(cat "$secret_file")" \
   "$root/.venv/bin/ssehub" token --publish 'chat.*' --ttl 86400)"
 
 cat <<EOF
 
-ssekit is up: $proxy, $(grep -c '^app[0-9]* ansible_host=' "$inventory") app hosts, Redis and PostgreSQL (vagrant status lists them).
+ssekit is up: $proxy, $apps app hosts, Redis and PostgreSQL (vagrant status lists them).
 The certificate is self-signed (nginx) or from Caddy's internal CA: curl -k, and
 accept it once in the browser.
   chat demo:  $base/   (a message published to chat.lobby shows there)
@@ -29,6 +30,7 @@ accept it once in the browser.
                 -H 'Content-Type: application/json' \\
                 -d "{\\"channel\\": \\"chat.lobby\\", \\"data\\": {\\"id\\": \\"curl-\$RANDOM\\", \\"author\\": \\"curl\\", \\"text\\": \\"hello\\"}}" \\
                 $base/publish/
-  deploy again:  vagrant provision      shell on a host:  vagrant ssh app1
+  deploy again:  SSEKIT_PROXY=$proxy SSEKIT_NUM_APP=$apps vagrant provision
+  shell on a host:  vagrant ssh app1
 Stop it with: make down
 EOF
