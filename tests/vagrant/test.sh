@@ -66,3 +66,17 @@ if grep -vE ' changed=0 +unreachable=0 +failed=0 ' <<<"$recap"; then
   fail "the second deploy changed something or failed (above; log: $logs/provision.log)"
 fi
 grep -E "msg: 'ok: event [0-9]+ crossed" "$logs/provision.log" || fail "no smoke test result after provision"
+
+step "make up's last lines (tests/vagrant/urls.sh): the printed curl lines work as pasted"
+tests/vagrant/urls.sh >"$logs/urls.txt" || fail "tests/vagrant/urls.sh"
+subscribe="$(sed -n 's/^  subscribe:  //p' "$logs/urls.txt")"
+publish="$(awk '/^  publish:/ { p = 1 } p { print } p && /\/publish\/$/ { exit }' "$logs/urls.txt" |
+  sed 's/^  publish:  //')"
+[ -n "$subscribe" ] && [ -n "$publish" ] || fail "no subscribe/publish lines in $logs/urls.txt"
+(eval "timeout 10 $subscribe" >"$logs/subscribed.txt" 2>&1 || true) &
+sleep 3
+eval "$publish" >"$logs/published.txt" 2>&1 || fail "the publish line (log: $logs/published.txt)"
+grep -q '"id"' "$logs/published.txt" || fail "the publish line got no id: $(cat "$logs/published.txt")"
+wait
+grep -q '^data: .*hello' "$logs/subscribed.txt" ||
+  fail "the subscribe line did not receive the published event ($logs/subscribed.txt)"
