@@ -10,7 +10,7 @@ connection elsewhere while the Host header and TLS SNI stay the URL's: the
 check for a proxy behind a load balancer, or before DNS points at it.
 
 Standard library only, on purpose: ``ssehub smoke`` uses it, and so does the
-Ansible module ``sse_probe`` (``ansible/plugins/module_utils/ssehub_probe.py``
+Ansible module ``sse_probe`` (``ansible/playbooks/module_utils/ssehub_probe.py``
 is this file), which runs where ssehub is not installed.
 """
 
