@@ -13,7 +13,7 @@ help:
 	@echo "make down    vagrant destroy -f"
 	@echo "make up-local    start Redis, PostgreSQL, the hub (gunicorn) and nginx on loopback; smoke-test it"
 	@echo "make down-local  stop what make up-local started"
-	@echo "make test    lint (Python, roles), the app's tests (real Redis, PostgreSQL, nginx), the Molecule cluster scenarios"
+	@echo "make test    lint (Python, roles), the app's tests (real Redis, PostgreSQL, pgbouncer, nginx, Caddy, Chromium), both Molecule scenarios, test-vagrant"
 	@echo "make bench   the benchmark (prints figures)"
 
 # Debian packages the stack and the tests run (skipped when already there).

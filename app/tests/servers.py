@@ -328,7 +328,11 @@ class Hub:
             socket_dir = Path(tempfile.mkdtemp(prefix="ssehub-sock-"))
             socket_dir.chmod(0o755)
             self.socket = socket_dir / "hub.sock"
-        self.bind = f"unix:{self.socket}" if self.socket else f"127.0.0.1:{self.port}"
+
+    @property
+    def bind(self) -> str:
+        """Where the hub listens; also the upstream address a proxy gives."""
+        return f"unix:{self.socket}" if self.socket else f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
         with open(self.log, "wb") as log:

@@ -209,7 +209,7 @@ def test_hub_on_a_unix_socket_behind_nginx(redis_server: Redis, tmp_path: Path) 
     hub = Hub(tmp_path, env, workers=1, unix_socket=True)
     with running(hub):
         assert hub.socket is not None and hub.socket.is_socket()
-        with running(Nginx(tmp_path, [f"unix:{hub.socket}"])) as nginx:
+        with running(Nginx(tmp_path, [hub.bind])) as nginx:
             result = probe(nginx.url, TOKEN)
     assert result.ok, result.line()
     assert hub.socket is not None and not hub.socket.parent.exists()

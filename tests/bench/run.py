@@ -287,7 +287,7 @@ SECRET = secrets.token_urlsafe(48)
 SCENARIOS = ["fanout-1000", "fanout-4000", "throughput", "idle", "publish", "latency-1"]
 
 
-def bench_nginx(directory: Path, hub_port: int | str, workers: int) -> Nginx:
+def bench_nginx(directory: Path, upstream: str, workers: int) -> Nginx:
     """nginx with the snippets from templates/nginx, limits raised for the load.
 
     One worker for the fan-out scenarios (several workers on one core wait for
@@ -301,7 +301,7 @@ def bench_nginx(directory: Path, hub_port: int | str, workers: int) -> Nginx:
                          .replace("limit_conn ssehub_streams 64;",
                                   "limit_conn ssehub_streams 60000;")
                          .replace("limit_req zone=ssehub_publish burst=200 nodelay;", ""))
-    return Nginx(directory, [hub_port], locations=locations, workers=workers,
+    return Nginx(directory, [upstream], locations=locations, workers=workers,
                  worker_connections=65536 if workers == 1 else 16384)
 
 
@@ -335,9 +335,10 @@ def main() -> None:
     env = {"SSEHUB_BROKER_URL": redis.url, "SSEHUB_TOKEN_SECRET": SECRET,
            "SSEHUB_SECRET_KEY": secrets.token_urlsafe(48), "SSEHUB_DATA_DIR": str(directory),
            "SSEHUB_RETENTION_EVENTS": "100000"}
+    if args.direct and args.unix_socket:
+        sys.exit("--direct and --unix-socket: the load generator speaks TCP only")
     hub = Hub(directory, env, workers=1, unix_socket=args.unix_socket)
-    upstream = f"unix:{hub.socket}" if hub.socket else hub.port
-    nginx = bench_nginx(directory / "nginx", upstream, workers=1)
+    nginx = bench_nginx(directory / "nginx", hub.bind, workers=1)
     try:
         redis.start()
         hub.start()
@@ -356,10 +357,7 @@ def run_scenarios(args: argparse.Namespace, redis: Redis, hub: Hub, nginx: Nginx
                 *children(nginx.process.pid)):
         pin(pid, "0")
     results: dict[str, dict] = {}
-    if args.direct and hub.socket:
-        sys.exit("--direct and --unix-socket: the load generator speaks TCP only")
     port = hub.port if args.direct else nginx.port
-    upstream = f"unix:{hub.socket}" if hub.socket else hub.port
     for name in args.scenarios:
         print(f"--- {name}", flush=True)
         groups = {"hub": [worker], "nginx": children(nginx.process.pid),
@@ -376,7 +374,7 @@ def run_scenarios(args: argparse.Namespace, redis: Redis, hub: Hub, nginx: Nginx
             result = asyncio.run(throughput(port, 1000, args.seconds, 32))
         elif name == "idle":
             idle_nginx = bench_nginx(Path(tempfile.mkdtemp(prefix="ssehub-bench-idle-")),
-                                     upstream, workers=4)
+                                     hub.bind, workers=4)
             idle_nginx.start()
             assert idle_nginx.process is not None
             for pid in (idle_nginx.process.pid, *children(idle_nginx.process.pid)):

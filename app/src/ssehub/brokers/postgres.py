@@ -46,8 +46,9 @@ IDLE_CHECK_SECONDS = 5.0
 DEAD_AFTER_SECONDS = 10.0
 # Kernel-level detection of half-open sockets on every connection: keepalive
 # probes when idle, and tcp_user_timeout when sent data is never acknowledged.
-TCP_OPTIONS: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-               "keepalives_count": 3, "tcp_user_timeout": 20_000}
+TCP_OPTIONS: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10,
+                               "keepalives_interval": 5, "keepalives_count": 3,
+                               "tcp_user_timeout": 20_000}
 RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 SCHEMA = """
