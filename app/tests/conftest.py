@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 from servers import Caddy, Hub, Nginx, Postgres, Redis, running
+
+if TYPE_CHECKING:
+    from ssehub.hub import Subscriber
 
 SECRET = secrets.token_urlsafe(48)
 _counter = itertools.count()
@@ -147,3 +153,23 @@ def caddy(stack: tuple[Hub, Nginx], tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+async def take(subscriber: Subscriber, count: int, timeout: float = 5.0) -> list:
+    """Wait for ``count`` events with ids (heartbeats are skipped)."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"got {len(got)} of {count} events: {got}")
+        try:
+            async with asyncio.timeout(remaining):
+                await subscriber.wait()
+        except TimeoutError:
+            continue
+        batch, subscriber.buf = subscriber.buf, []
+        for item in batch:  # a Batch (a burst of one channel) carries its events
+            got.extend(e for e in getattr(item, "events", [item])
+                       if getattr(e, "channel", None) is not None)
+    return got

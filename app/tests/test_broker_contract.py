@@ -8,35 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 
 import psycopg
 import pytest
 import redis
+from conftest import take
 
-from ssehub.hub import UNLISTEN_DELAY, Hub, Subscriber
+from ssehub.hub import UNLISTEN_DELAY, Hub
 
 pytestmark = pytest.mark.asyncio
-
-
-async def take(subscriber: Subscriber, count: int, timeout: float = 5.0) -> list:
-    """Wait for ``count`` events with ids (heartbeats are skipped)."""
-    got: list = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"got {len(got)} of {count} events: {got}")
-        try:
-            async with asyncio.timeout(remaining):
-                await subscriber.wait()
-        except TimeoutError:
-            continue
-        batch, subscriber.buf = subscriber.buf, []
-        for item in batch:  # a Batch (a burst of one channel) carries its events
-            got.extend(e for e in getattr(item, "events", [item])
-                       if getattr(e, "channel", None) is not None)
-    return got
 
 
 async def test_publish_returns_increasing_ids_and_delivers_live(hub: Hub) -> None:
