@@ -9,9 +9,11 @@ like a browser outside the cluster.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -85,6 +87,49 @@ def nofile_expected(host: Any, wanted: int) -> int:
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
     hard = line.split()[4]
     return wanted if hard == "unlimited" else min(wanted, int(hard))
+
+
+# Addresses ss prints for a socket bound to every address ("*" is dual-stack).
+WILDCARD = frozenset({"0.0.0.0", "::", "*"})
+
+
+def private_address(host: Any) -> str:
+    """The host's private address as the roles take it: Ansible's default IPv4."""
+    facts = host.ansible("setup", "gather_subset=!all,network filter=ansible_default_ipv4")
+    return str(facts["ansible_facts"]["ansible_default_ipv4"]["address"])
+
+
+def tcp_listeners(host: Any, user: str = "root") -> list[tuple[str, int, frozenset[int]]]:
+    """Listening TCP sockets as (address, port, owner PIDs), from `ss -Htlnp`.
+
+    The PIDs are those of `user`'s processes only: root in a container without
+    CAP_SYS_PTRACE cannot read other users' /proc/PID/fd, so ss runs as the
+    service's own user."""
+    cmd = "ss -Htlnp" if user == "root" else f"runuser -u {user} -- ss -Htlnp"
+    found = []
+    for line in host.check_output(cmd).splitlines():
+        address, _, port = line.split()[3].rpartition(":")
+        address = address.strip("[]").split("%", 1)[0]  # "[::1]", "0.0.0.0%lo"
+        pids = frozenset(int(pid) for pid in re.findall(r"pid=(\d+)", line))
+        found.append((address, int(port), pids))
+    return found
+
+
+def listen_addresses(host: Any, port: int) -> set[str]:
+    """Addresses something listens on at this TCP port."""
+    return {addr for addr, p, _ in tcp_listeners(host) if p == int(port)}
+
+
+def ports_of_listener(host: Any, port: int, user: str = "root") -> set[int]:
+    """Every TCP port the processes (of `user`) listening on `port` listen on."""
+    sockets = tcp_listeners(host, user)
+    pids = frozenset().union(*(pids for _, p, pids in sockets if p == int(port)))
+    assert pids, f"no process of {user} listens on port {port}"
+    return {p for _, p, owners in sockets if owners & pids}
+
+
+def is_loopback(address: str) -> bool:
+    return address not in WILDCARD and ipaddress.ip_address(address).is_loopback
 
 
 PUBLIC_HOST: str = setting("ssekit_public_hostname")

@@ -1,10 +1,14 @@
 """nginx role on the proxy: running, configuration in effect, limits of the
-running workers, stub_status on loopback only."""
+running workers, listening sockets (stub_status on loopback only)."""
 
 import pytest
-from conftest import nofile_expected, setting
+from conftest import WILDCARD, listen_addresses, nofile_expected, ports_of_listener, setting
 
 testinfra_hosts = ["proxy"]
+
+STUB_ADDRESS, STUB_PORT = setting("nginx_stub_status_listen").rsplit(":", 1)
+# Ports of the two public servers in the role's sites-available/ssehub.
+HTTP_PORT, HTTPS_PORT = 80, 443
 
 
 @pytest.fixture(autouse=True)
@@ -56,3 +60,19 @@ def test_snippets_ops_copy_are_what_nginx_runs(host):
 
     deployed = host.file("/etc/nginx/snippets/ssehub-locations.conf").content_string
     assert (ROOT / "templates" / "nginx" / "ssehub-locations.conf").read_text().strip() in deployed
+
+
+@pytest.mark.parametrize(
+    ("port", "where"),
+    [(HTTP_PORT, "public"), (HTTPS_PORT, "public"), (int(STUB_PORT), STUB_ADDRESS)],
+    ids=["http", "https", "stub_status"],
+)
+def test_nginx_listens_only_where_it_should(host, port, where):
+    """HTTP and HTTPS on every address; stub_status on nginx_stub_status_listen
+    only; no other port."""
+    addrs = listen_addresses(host, port)
+    if where == "public":
+        assert addrs and addrs <= WILDCARD, addrs
+    else:
+        assert addrs == {where}, addrs
+    assert ports_of_listener(host, port) == {HTTP_PORT, HTTPS_PORT, int(STUB_PORT)}

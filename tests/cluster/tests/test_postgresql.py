@@ -2,7 +2,7 @@
 
 import shlex
 
-from conftest import setting
+from conftest import is_loopback, listen_addresses, ports_of_listener, private_address, setting
 
 testinfra_hosts = ["postgres"]
 
@@ -39,3 +39,15 @@ def test_app_role_uses_scram(host):
     kind = psql(host, "SELECT left(rolpassword, 13) FROM pg_authid WHERE rolname = :'role'",
                 role=setting("postgresql_app_user"))
     assert kind == "SCRAM-SHA-256"
+
+
+
+def test_postgresql_listens_only_on_loopback_and_its_private_address(host):
+    """Never 0.0.0.0: localhost for local tools, the private address
+    (postgresql_listen_address, the host's default IPv4) for the app hosts."""
+    port = setting("postgresql_port")
+    private = private_address(host)
+    addrs = listen_addresses(host, port)
+    assert "127.0.0.1" in addrs and private in addrs, addrs
+    assert all(is_loopback(a) or a == private for a in addrs), addrs
+    assert ports_of_listener(host, port, "postgres") == {int(port)}

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import nofile_expected, setting
+from conftest import listen_addresses, nofile_expected, ports_of_listener, setting
 
 testinfra_hosts = ["app"]
 
@@ -48,3 +48,12 @@ def test_service_runs_as_its_own_user_with_no_new_privileges(host):
     props = host.check_output("systemctl show ssehub --property User,NoNewPrivileges,ProtectSystem")
     assert f"User={setting('ssehub_user')}" in props
     assert "NoNewPrivileges=yes" in props and "ProtectSystem=strict" in props
+
+
+
+def test_ssehub_listens_only_on_its_app_port(host):
+    """gunicorn binds ssehub_bind_address:ssehub_port (the firewall admits only
+    the proxies there) and opens no other TCP port (/metrics goes through it)."""
+    port = int(setting("ssehub_port"))
+    assert listen_addresses(host, port) == {setting("ssehub_bind_address")}
+    assert ports_of_listener(host, port, setting("ssehub_user")) == {port}
