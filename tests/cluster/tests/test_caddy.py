@@ -2,21 +2,52 @@
 stream route, bounded grace period, admin endpoint on loopback only."""
 
 import json
+import re
 
 import pytest
-from conftest import WILDCARD, is_loopback, listen_addresses, ports_of_listener
+from conftest import ROOT, WILDCARD, is_loopback, listen_addresses, ports_of_listener, setting
 
 testinfra_hosts = ["proxy"]
 
 # Caddy's admin endpoint (localhost:2019): the role's Caddyfile leaves it as is.
 ADMIN_PORT = 2019
 HTTP_PORT, HTTPS_PORT = 80, 443
+SNIPPET = ROOT / "templates" / "caddy" / "Caddyfile.ssehub"
+# Go duration units, in nanoseconds (Caddy's JSON durations are nanoseconds).
+UNITS = {"ns": 1, "us": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
 
 
-@pytest.fixture(autouse=True)
+def nanoseconds(value):
+    """A Caddy duration (10s, 1m30s, or nanoseconds as a number) in nanoseconds."""
+    if isinstance(value, int):
+        return value
+    parts = re.findall(r"(\d+)(ns|us|ms|s|m|h)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, value
+    return sum(int(n) * UNITS[u] for n, u in parts)
+
+
+def handlers(node, kind):
+    """Every handler of this kind anywhere in a Caddy JSON config (subroutes too)."""
+    if isinstance(node, dict):
+        if node.get("handler") == kind:
+            yield node
+        for child in node.values():
+            yield from handlers(child, kind)
+    elif isinstance(node, list):
+        for child in node:
+            yield from handlers(child, kind)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def _caddy_only(host):
     if not host.exists("caddy"):
         pytest.skip("the proxy is not caddy")
+
+
+@pytest.fixture(scope="module")
+def running(host, _caddy_only):
+    """The configuration Caddy runs, from its admin API (the adapted Caddyfile)."""
+    return json.loads(host.check_output(f"curl -fsS -m 3 http://127.0.0.1:{ADMIN_PORT}/config/"))
 
 
 def test_caddy_is_enabled_and_running(host):
@@ -24,12 +55,22 @@ def test_caddy_is_enabled_and_running(host):
     assert svc.is_enabled and svc.is_running
 
 
-def test_running_config_flushes_streams_and_bounds_grace_period(host):
-    cfg = json.loads(host.check_output(f"curl -fsS -m 3 http://127.0.0.1:{ADMIN_PORT}/config/"))
-    http = cfg["apps"]["http"]
-    assert http.get("grace_period")
-    text = json.dumps(cfg)
-    assert '"flush_interval": -1' in text
+def test_running_config_flushes_streams_and_bounds_grace_period(running):
+    """C4: a reload waits caddy_grace_period for open streams, no longer."""
+    grace = running["apps"]["http"].get("grace_period")
+    assert grace and nanoseconds(grace) == nanoseconds(setting("caddy_grace_period"))
+    assert '"flush_interval": -1' in json.dumps(running)
+
+
+def test_running_proxies_check_upstream_health_on_readyz(running):
+    """Every reverse_proxy probes the app's readiness URI the snippet names
+    (/readyz answers 503 while a hub drains, so Caddy stops sending to it)."""
+    wanted = re.findall(r"^\s*health_uri\s+(\S+)", SNIPPET.read_text(), flags=re.MULTILINE)
+    assert wanted and set(wanted) == {"/readyz"}
+    proxies = list(handlers(running, "reverse_proxy"))
+    active = [p.get("health_checks", {}).get("active", {}) for p in proxies]
+    assert sorted(a.get("uri", a.get("path")) for a in active) == sorted(wanted)
+    assert all(nanoseconds(a.get("interval", 0)) > 0 for a in active)
 
 
 def test_caddyfile_validates(host):

@@ -1,17 +1,57 @@
 """nginx role on the proxy: running, configuration in effect, limits of the
 running workers, listening sockets (stub_status on loopback only)."""
 
+import re
+
 import pytest
-from conftest import WILDCARD, listen_addresses, nofile_expected, ports_of_listener, setting
+from conftest import ROOT, WILDCARD, listen_addresses, nofile_expected, ports_of_listener, setting
 
 testinfra_hosts = ["proxy"]
 
 STUB_ADDRESS, STUB_PORT = setting("nginx_stub_status_listen").rsplit(":", 1)
 # Ports of the two public servers in the role's sites-available/ssehub.
 HTTP_PORT, HTTPS_PORT = 80, 443
+SNIPPETS = ROOT / "templates" / "nginx"
+# Where the role puts each snippet ops copy.
+DEPLOYED = {
+    "ssehub-http.conf": "/etc/nginx/conf.d/ssehub-http.conf",
+    "ssehub-locations.conf": "/etc/nginx/snippets/ssehub-locations.conf",
+}
+STREAM, PUBLISH = "location = /events/", "location = /publish/"
+# nginx time units, in seconds.
+UNITS = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-@pytest.fixture(autouse=True)
+def directives(text):
+    """Directives of each block of an nginx configuration, keyed by the block's
+    header ("main", "http", "location = /events/"; later blocks with the same
+    header add to it): {header: {name: [args, ...]}}."""
+    text = re.sub(r"#[^\n]*", "", text)
+    blocks, stack, statement = {"main": {}}, ["main"], ""
+    for piece in re.findall(r"[^{};]+|[{};]", text):
+        if piece == "{":
+            stack.append(statement)
+            blocks.setdefault(statement, {})
+        elif piece == "}":
+            stack.pop()
+        elif piece == ";" and statement:
+            name, _, args = statement.partition(" ")
+            blocks[stack[-1]].setdefault(name, []).append(args)
+        else:
+            statement = " ".join(piece.split())
+            continue
+        statement = ""
+    return blocks
+
+
+def seconds(value):
+    """An nginx time ("1h", "90s", "1m30s") in seconds."""
+    parts = re.findall(r"(\d+)(ms|s|m|h|d)?", value)
+    assert parts and "".join(n + u for n, u in parts) == value, value
+    return sum(int(n) * UNITS[u] for n, u in parts)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def _nginx_only(host):
     if not host.exists("nginx"):
         pytest.skip("the proxy is not nginx")
@@ -33,6 +73,56 @@ def test_loaded_configuration_is_tuned_for_streams(host):
         "http2",
     ):
         assert needle in conf, needle
+
+
+@pytest.fixture(scope="module")
+def running(host, _nginx_only):
+    """The configuration nginx loads (`nginx -T` prints every file it read,
+    one after another), parsed file by file: {path: directives(file)}."""
+    dump = host.check_output("nginx -T 2>/dev/null")
+    parts = re.split(r"^# configuration file (\S+):$", dump, flags=re.MULTILINE)
+    return {path: directives(text) for path, text in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+@pytest.mark.parametrize(
+    ("snippet", "block", "name"),
+    [
+        ("ssehub-http.conf", "main", "limit_conn_zone"),
+        ("ssehub-http.conf", "main", "limit_req_zone"),
+        ("ssehub-locations.conf", STREAM, "limit_conn"),
+        ("ssehub-locations.conf", STREAM, "limit_conn_status"),
+        ("ssehub-locations.conf", STREAM, "proxy_next_upstream"),
+        ("ssehub-locations.conf", STREAM, "proxy_next_upstream_tries"),
+        ("ssehub-locations.conf", STREAM, "proxy_read_timeout"),
+        ("ssehub-locations.conf", STREAM, "gzip"),
+        ("ssehub-locations.conf", PUBLISH, "limit_req"),
+        ("ssehub-locations.conf", PUBLISH, "limit_req_status"),
+        ("ssehub-locations.conf", PUBLISH, "client_max_body_size"),
+        ("ssehub-locations.conf", PUBLISH, "proxy_next_upstream"),
+    ],
+)
+def test_running_config_has_the_snippets_limits_and_retries(running, snippet, block, name):
+    """What nginx loads is what the repo's snippets say, directive by directive."""
+    wanted = directives((SNIPPETS / snippet).read_text())[block]
+    assert name in wanted, f"{name} is no longer in {snippet}: update this test"
+    assert DEPLOYED[snippet] in running, f"nginx does not read {DEPLOYED[snippet]}"
+    assert running[DEPLOYED[snippet]][block].get(name) == wanted[name]
+
+
+def test_running_stream_location_suits_long_lived_streams(running):
+    """No gzip on the stream (A6), a read timeout above the heartbeat (A2),
+    retries on connect errors and draining servers (I2), a stream limit; the
+    publish API is never retried after it was sent; old workers are bounded (A9)."""
+    locations = running[DEPLOYED["ssehub-locations.conf"]]
+    stream, publish = locations[STREAM], locations[PUBLISH]
+    assert stream["gzip"] == ["off"]
+    assert seconds(stream["proxy_read_timeout"][-1]) > int(setting("ssehub_heartbeat"))
+    retries = set(stream["proxy_next_upstream"][-1].split())
+    assert {"error", "timeout", "http_502", "http_503"} <= retries
+    assert int(stream["limit_conn"][-1].split()[1]) > 0
+    assert publish["proxy_next_upstream"] == ["error"]
+    shutdown = f"{setting('nginx_worker_shutdown_timeout')}s"
+    assert running["/etc/nginx/nginx.conf"]["main"]["worker_shutdown_timeout"] == [shutdown]
 
 
 def test_upstream_lists_every_app_host(host):
