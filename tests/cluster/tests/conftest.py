@@ -89,6 +89,17 @@ def nofile_expected(host: Any, wanted: int) -> int:
     return wanted if hard == "unlimited" else min(wanted, int(hard))
 
 
+# Units of nginx and Go (Caddy) durations, in seconds; a bare number is seconds.
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(value: str | int) -> float:
+    """A duration as nginx or Caddy writes it ("1h", "90s", "1m30s", "500ms") in seconds."""
+    parts = re.findall(r"(\d+)(ns|us|ms|s|m|h|d)?", str(value))
+    assert parts and "".join(n + u for n, u in parts) == str(value), value
+    return sum(int(n) * DURATION_UNITS[u] for n, u in parts)
+
+
 # Addresses ss prints for a socket bound to every address ("*" is dual-stack).
 WILDCARD = frozenset({"0.0.0.0", "::", "*"})
 

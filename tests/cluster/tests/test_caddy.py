@@ -5,7 +5,15 @@ import json
 import re
 
 import pytest
-from conftest import ROOT, WILDCARD, is_loopback, listen_addresses, ports_of_listener, setting
+from conftest import (
+    ROOT,
+    WILDCARD,
+    is_loopback,
+    listen_addresses,
+    ports_of_listener,
+    seconds,
+    setting,
+)
 
 testinfra_hosts = ["proxy"]
 
@@ -13,17 +21,11 @@ testinfra_hosts = ["proxy"]
 ADMIN_PORT = 2019
 HTTP_PORT, HTTPS_PORT = 80, 443
 SNIPPET = ROOT / "templates" / "caddy" / "Caddyfile.ssehub"
-# Go duration units, in nanoseconds (Caddy's JSON durations are nanoseconds).
-UNITS = {"ns": 1, "us": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
 
 
-def nanoseconds(value):
-    """A Caddy duration (10s, 1m30s, or nanoseconds as a number) in nanoseconds."""
-    if isinstance(value, int):
-        return value
-    parts = re.findall(r"(\d+)(ns|us|ms|s|m|h)", value)
-    assert parts and "".join(n + u for n, u in parts) == value, value
-    return sum(int(n) * UNITS[u] for n, u in parts)
+def json_seconds(value):
+    """A duration in Caddy's JSON config (nanoseconds, or a Go duration string)."""
+    return value / 1e9 if isinstance(value, int) else seconds(value)
 
 
 def handlers(node, kind):
@@ -58,7 +60,7 @@ def test_caddy_is_enabled_and_running(host):
 def test_running_config_flushes_streams_and_bounds_grace_period(running):
     """C4: a reload waits caddy_grace_period for open streams, no longer."""
     grace = running["apps"]["http"].get("grace_period")
-    assert grace and nanoseconds(grace) == nanoseconds(setting("caddy_grace_period"))
+    assert grace and json_seconds(grace) == seconds(setting("caddy_grace_period"))
     assert '"flush_interval": -1' in json.dumps(running)
 
 
@@ -70,7 +72,7 @@ def test_running_proxies_check_upstream_health_on_readyz(running):
     proxies = list(handlers(running, "reverse_proxy"))
     active = [p.get("health_checks", {}).get("active", {}) for p in proxies]
     assert sorted(a.get("uri", a.get("path")) for a in active) == sorted(wanted)
-    assert all(nanoseconds(a.get("interval", 0)) > 0 for a in active)
+    assert all(json_seconds(a.get("interval", 0)) > 0 for a in active)
 
 
 def test_caddyfile_validates(host):

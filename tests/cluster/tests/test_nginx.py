@@ -4,7 +4,15 @@ running workers, listening sockets (stub_status on loopback only)."""
 import re
 
 import pytest
-from conftest import ROOT, WILDCARD, listen_addresses, nofile_expected, ports_of_listener, setting
+from conftest import (
+    ROOT,
+    WILDCARD,
+    listen_addresses,
+    nofile_expected,
+    ports_of_listener,
+    seconds,
+    setting,
+)
 
 testinfra_hosts = ["proxy"]
 
@@ -18,8 +26,6 @@ DEPLOYED = {
     "ssehub-locations.conf": "/etc/nginx/snippets/ssehub-locations.conf",
 }
 STREAM, PUBLISH = "location = /events/", "location = /publish/"
-# nginx time units, in seconds.
-UNITS = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def directives(text):
@@ -42,13 +48,6 @@ def directives(text):
             continue
         statement = ""
     return blocks
-
-
-def seconds(value):
-    """An nginx time ("1h", "90s", "1m30s") in seconds."""
-    parts = re.findall(r"(\d+)(ms|s|m|h|d)?", value)
-    assert parts and "".join(n + u for n, u in parts) == value, value
-    return sum(int(n) * UNITS[u] for n, u in parts)
 
 
 @pytest.fixture(scope="module", autouse=True)
