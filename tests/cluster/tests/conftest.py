@@ -110,19 +110,18 @@ def private_address(host: Any) -> str:
     return str(facts["ansible_facts"]["ansible_default_ipv4"]["address"])
 
 
-def tcp_listeners(host: Any, user: str = "root") -> list[tuple[str, int, frozenset[int]]]:
-    """Listening TCP sockets as (address, port, owner PIDs), from `ss -Htlnp`.
+def tcp_listeners(host: Any) -> list[tuple[str, int, str]]:
+    """Listening TCP sockets as (address, port, systemd unit), from `ss -Htlne`.
 
-    The PIDs are those of `user`'s processes only: root in a container without
-    CAP_SYS_PTRACE cannot read other users' /proc/PID/fd, so ss runs as the
-    service's own user."""
-    cmd = "ss -Htlnp" if user == "root" else f"runuser -u {user} -- ss -Htlnp"
+    The socket's cgroup names the unit that opened it. (ss -p would need to
+    read other users' /proc/PID/fd: CAP_SYS_PTRACE, which the containers lack.)"""
     found = []
-    for line in host.check_output(cmd).splitlines():
+    for line in host.check_output("ss -Htlne").splitlines():
         address, _, port = line.split()[3].rpartition(":")
         address = address.strip("[]").split("%", 1)[0]  # "[::1]", "0.0.0.0%lo"
-        pids = frozenset(int(pid) for pid in re.findall(r"pid=(\d+)", line))
-        found.append((address, int(port), pids))
+        cgroup = re.search(r"\bcgroup:(\S+)", line)
+        unit = cgroup.group(1).rstrip("/").rsplit("/", 1)[-1] if cgroup else ""
+        found.append((address, int(port), unit))
     return found
 
 
@@ -131,12 +130,12 @@ def listen_addresses(host: Any, port: int) -> set[str]:
     return {addr for addr, p, _ in tcp_listeners(host) if p == int(port)}
 
 
-def ports_of_listener(host: Any, port: int, user: str = "root") -> set[int]:
-    """Every TCP port the processes (of `user`) listening on `port` listen on."""
-    sockets = tcp_listeners(host, user)
-    pids = frozenset().union(*(pids for _, p, pids in sockets if p == int(port)))
-    assert pids, f"no process of {user} listens on port {port}"
-    return {p for _, p, owners in sockets if owners & pids}
+def ports_of_unit(host: Any, unit: str) -> set[int]:
+    """Every TCP port the processes of this systemd unit listen on."""
+    sockets = tcp_listeners(host)
+    ports = {p for _, p, u in sockets if u == unit}
+    assert ports, f"no socket of {unit} in {sockets}"
+    return ports
 
 
 def is_loopback(address: str) -> bool:

@@ -10,7 +10,7 @@ from conftest import (
     WILDCARD,
     is_loopback,
     listen_addresses,
-    ports_of_listener,
+    ports_of_unit,
     seconds,
     setting,
 )
@@ -92,4 +92,4 @@ def test_caddy_listens_only_where_it_should(host, port, where):
         assert addrs and addrs <= WILDCARD, addrs
     else:
         assert addrs and all(is_loopback(a) for a in addrs), addrs
-    assert ports_of_listener(host, port, "caddy") == {HTTP_PORT, HTTPS_PORT, ADMIN_PORT}
+    assert ports_of_unit(host, "caddy.service") == {HTTP_PORT, HTTPS_PORT, ADMIN_PORT}

@@ -9,7 +9,7 @@ from conftest import (
     WILDCARD,
     listen_addresses,
     nofile_expected,
-    ports_of_listener,
+    ports_of_unit,
     seconds,
     setting,
 )
@@ -164,4 +164,4 @@ def test_nginx_listens_only_where_it_should(host, port, where):
         assert addrs and addrs <= WILDCARD, addrs
     else:
         assert addrs == {where}, addrs
-    assert ports_of_listener(host, port) == {HTTP_PORT, HTTPS_PORT, int(STUB_PORT)}
+    assert ports_of_unit(host, "nginx.service") == {HTTP_PORT, HTTPS_PORT, int(STUB_PORT)}

@@ -2,9 +2,11 @@
 
 import shlex
 
-from conftest import is_loopback, listen_addresses, ports_of_listener, private_address, setting
+from conftest import is_loopback, listen_addresses, ports_of_unit, private_address, setting
 
 testinfra_hosts = ["postgres"]
+
+UNIT = f"postgresql@{setting('postgresql_version')}-main.service"
 
 
 def psql(host, sql, **params):
@@ -16,7 +18,7 @@ def psql(host, sql, **params):
 
 
 def test_postgresql_is_running(host):
-    svc = host.service(f"postgresql@{setting('postgresql_version')}-main")
+    svc = host.service(UNIT)
     assert svc.is_enabled and svc.is_running
 
 
@@ -50,4 +52,4 @@ def test_postgresql_listens_only_on_loopback_and_its_private_address(host):
     addrs = listen_addresses(host, port)
     assert "127.0.0.1" in addrs and private in addrs, addrs
     assert all(is_loopback(a) or a == private for a in addrs), addrs
-    assert ports_of_listener(host, port, "postgres") == {int(port)}
+    assert ports_of_unit(host, UNIT) == {int(port)}

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import listen_addresses, nofile_expected, ports_of_listener, setting
+from conftest import listen_addresses, nofile_expected, ports_of_unit, setting
 
 testinfra_hosts = ["app"]
 
@@ -56,4 +56,4 @@ def test_ssehub_listens_only_on_its_app_port(host):
     the proxies there) and opens no other TCP port (/metrics goes through it)."""
     port = int(setting("ssehub_port"))
     assert listen_addresses(host, port) == {setting("ssehub_bind_address")}
-    assert ports_of_listener(host, port, setting("ssehub_user")) == {port}
+    assert ports_of_unit(host, "ssehub.service") == {port}
