@@ -150,6 +150,32 @@ async def test_raw_publish_from_outside_reaches_subscribers_live(
     await hub.close()
 
 
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_raw_message_that_looks_like_ours_does_not_stop_the_listener(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """A raw PUBLISH/NOTIFY starting with the hub's marker byte but not in its
+    format arrives live, and the listener goes on delivering stored events
+    (it used to raise in the parser and stop for good, with /readyz still 200)."""
+    config = request.getfixturevalue(f"{'pg' if kind == 'postgres' else kind}_config")()
+    hub = Hub(config)
+    await hub.start()
+    try:
+        subscriber = await hub.subscribe(["lobby"])
+        if kind == "redis":
+            server = request.getfixturevalue("redis_server")
+            server.cli("PUBLISH", f"{config.redis_prefix}lobby", "\x1ehello")
+        else:
+            subprocess.run(["psql", config.broker_url, "-c", "NOTIFY lobby, E'\\x1ehello'"],
+                           check=True, capture_output=True)
+        raw = await take(subscriber, 1)
+        assert raw[0].id is None and raw[0].data == "\x1ehello"
+        stored = await hub.broker.publish("lobby", "after the odd one")
+        assert [(e.id, e.data) for e in await take(subscriber, 1)] == [
+            (stored, "after the odd one")]
+    finally:
+        await hub.close()
+
+
 async def test_heartbeats_reach_idle_subscribers(hub: Hub) -> None:
     subscriber = await hub.subscribe(["quiet"])
     async with asyncio.timeout(2):

@@ -158,7 +158,10 @@ class PostgresBroker(Broker):
                     await self._listen_loop(conn)
             except asyncio.CancelledError:
                 raise
-            except (psycopg.Error, OSError) as exc:
+            except Exception as exc:
+                # As in the Redis listener: reconnect on anything, never die silently.
+                if not isinstance(exc, (psycopg.Error, OSError)):
+                    log.exception("postgres listener failed; reconnecting")
                 delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
                 attempt += 1
                 log.warning("postgres listener lost its connection (%s); retrying in %.2fs",
@@ -224,7 +227,8 @@ class PostgresBroker(Broker):
         for notify in batch:
             if notify.channel not in self._channels:
                 continue
-            if notify.payload.startswith(MARKER):
+            if notify.payload.startswith(MARKER) and notify.payload[1:].isascii() \
+                    and notify.payload[1:].isdigit():
                 ids.append(int(notify.payload[1:]))
             else:
                 raw.append(Event(notify.channel, notify.payload))

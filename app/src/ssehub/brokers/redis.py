@@ -178,7 +178,12 @@ class RedisBroker(Broker):
                 attempt = 0
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:
+                # Connection trouble, or a bug on the delivery path: either way the
+                # listener must not die (every stream of the worker would go silent
+                # while /readyz says 200). Reconnect; the gap fill redelivers.
+                if not isinstance(exc, (RedisError, OSError, TimeoutError)):
+                    log.exception("redis listener failed; reconnecting")
                 self._connected.clear()
                 await self._close_pubsub()
                 delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
@@ -235,13 +240,18 @@ class RedisBroker(Broker):
             channel = message["channel"].decode()[len(self.prefix):]
             payload: bytes = message["data"]
             if payload[:1] == b"\x1e":
-                head, event, published, data = payload[1:].split(b"\n", 3)
-                event_id = int(head)
+                try:
+                    head, event, published, data = payload[1:].split(b"\n", 3)
+                    event_id, stamp = int(head), float(published)
+                    name, text = event.decode(), data.decode()
+                except ValueError:
+                    # Not our script's message (a raw PUBLISH that happens to start
+                    # with the marker): live only, like any raw message.
+                    return Event(channel, payload.decode(errors="replace"))
                 if event_id <= self._last_id.get(channel, 0):
                     return None
                 self._last_id[channel] = event_id
-                return Event(channel, data.decode(), event.decode() or None, event_id,
-                             float(published))
+                return Event(channel, text, name or None, event_id, stamp)
             return Event(channel, payload.decode(errors="replace"))
         elif kind == "subscribe":
             channel = message["channel"].decode()[len(self.prefix):]
