@@ -4,21 +4,31 @@ Inside the hub process the event goes through the hub's own broker (the
 memory broker only works there). Elsewhere (a management command, a Celery
 worker) a broker client is created for the running event loop; memory://
 cannot work across processes and says so.
+
+``publish`` (sync) runs ``apublish`` on the hub's loop when this process runs a
+hub, else on one background loop per process that keeps its broker client:
+``async_to_sync`` would make a new loop, hence a new client and connection,
+on every call from a script or a WSGI view, and never close them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 from typing import Any
 
-from asgiref.sync import async_to_sync
-
 from . import conf, metrics
-from .brokers import Broker, create
+from .brokers import Broker, BrokerUnavailable, create
 from .hub import get_hub
 from .publishing import PublishError, prepare
 
 _publishers: dict[asyncio.AbstractEventLoop, Broker] = {}
+_background: asyncio.AbstractEventLoop | None = None
+_background_lock = threading.Lock()
+# A sync publish waits at most this long (the brokers bound their own commands
+# well inside it); then it raises BrokerUnavailable, as the HTTP API answers 503.
+SYNC_PUBLISH_TIMEOUT = 30.0
 
 
 def _broker_for_this_loop() -> Broker:
@@ -49,8 +59,35 @@ async def apublish(channel: str, data: Any, event: str | None = None, *,
     return event_id
 
 
+def _background_loop() -> asyncio.AbstractEventLoop:
+    """The process's loop for sync publishes outside the hub, started once."""
+    global _background
+    with _background_lock:
+        if _background is None or _background.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="ssehub-publish",
+                             daemon=True).start()
+            _background = loop
+        return _background
+
+
 def publish(channel: str, data: Any, event: str | None = None, *,
             idempotency_key: str | None = None) -> int:
     """Synchronous ``apublish`` for sync views, signals and scripts."""
-    result: int = async_to_sync(apublish)(channel, data, event, idempotency_key=idempotency_key)
-    return result
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("ssehub.publish() blocks; in async code use await ssehub.apublish()")
+    hub = get_hub()
+    loop = hub.loop if hub is not None and hub.loop is not None and hub.loop.is_running() \
+        else _background_loop()
+    future = asyncio.run_coroutine_threadsafe(
+        apublish(channel, data, event, idempotency_key=idempotency_key), loop)
+    try:
+        return future.result(SYNC_PUBLISH_TIMEOUT)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise BrokerUnavailable(f"no answer from the broker within {SYNC_PUBLISH_TIMEOUT:g}s") \
+            from None
