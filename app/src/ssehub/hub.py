@@ -70,8 +70,8 @@ DRAINING = Frame(sse.DRAINING)
 class Subscriber:
     """One open stream. Only its own coroutine reads ``buf``; the hub appends."""
 
-    __slots__ = ("buf", "channels", "chunked", "closed", "cycle", "dropped", "limit", "task",
-                 "waiter")
+    __slots__ = ("buf", "channels", "chunked", "closed", "cycle", "dropped", "limit", "sending",
+                 "task", "waiter")
 
     def __init__(self, channels: tuple[str, ...], limit: int,
                  task: asyncio.Task[Any] | None = None) -> None:
@@ -87,13 +87,17 @@ class Subscriber:
         # headers are out and the replay is done; None means "wake the task instead".
         self.cycle: Any = None
         self.chunked = True
+        # The stream's task is inside send() with frames it took from buf: uvicorn
+        # waits for a paused socket to drain *before* writing them, so a direct
+        # write now would overtake them (ids out of order, duplicates on replay).
+        self.sending = False
 
     def push(self, item: Any) -> None:
         if self.closed:
             return
         cycle = self.cycle
-        if (cycle is not None and not self.buf and not cycle.flow.write_paused
-                and not cycle.disconnected):
+        if (cycle is not None and not self.buf and not self.sending
+                and not cycle.flow.write_paused and not cycle.disconnected):
             # The hot path: the frame built once goes straight to the socket; no task
             # switch per subscriber per event. Anything else queues for the task.
             cycle.transport.write(item.chunk if self.chunked else item.frame)

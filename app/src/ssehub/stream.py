@@ -172,6 +172,29 @@ async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id:
         await send({"type": "http.response.body", "body": frame, "more_body": True})
 
 
+async def _pump(subscriber: Subscriber, send: Send) -> None:
+    """Send what the hub buffered for this stream until it closes.
+
+    The hub writes to the socket itself when it can (hub.Subscriber.push); this
+    task sends what it could not. While it is inside ``send`` the hub queues
+    behind it (``sending``): uvicorn waits for a paused socket to drain before
+    writing, and a direct write in that window would overtake these frames.
+    """
+    while True:
+        await subscriber.wait()
+        batch = subscriber.buf
+        if batch:
+            subscriber.buf = []
+            body = batch[0].frame if len(batch) == 1 else b"".join([e.frame for e in batch])
+            subscriber.sending = True
+            try:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            finally:
+                subscriber.sending = False
+        if subscriber.closed:
+            return
+
+
 async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
     config = conf.get()
     try:
@@ -203,15 +226,7 @@ async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
         if cycle is not None:
             subscriber.chunked = bool(cycle.chunked_encoding)
             subscriber.cycle = cycle
-        while True:
-            await subscriber.wait()
-            batch = subscriber.buf
-            if batch:
-                subscriber.buf = []
-                body = batch[0].frame if len(batch) == 1 else b"".join([e.frame for e in batch])
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-            if subscriber.closed:
-                break
+        await _pump(subscriber, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
         if not subscriber.dropped:  # dropped while blocked in send: end quietly

@@ -1,0 +1,56 @@
+"""Frames reach a stream in id order when the hub's direct write meets a paused socket.
+
+The hub writes each event straight to an idle, writable stream's socket
+(hub.Subscriber.push); otherwise the stream's task sends what was buffered.
+uvicorn's ``send`` waits for a paused socket to drain *before* writing, so once
+the socket drained, the next event found an empty buffer and a writable socket
+and went out ahead of the frames the task still held: ids out of order, and
+the client's next Last-Event-ID replay repeated events. The transport and
+flow control below stand in for uvicorn's (the interleaving cannot be forced
+on a real socket); the task and the subscriber are the hub's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from ssehub.hub import Subscriber
+from ssehub.sse import Event
+from ssehub.stream import _pump
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_direct_write_waits_for_frames_the_task_is_still_sending() -> None:
+    wire: list[bytes] = []
+    flow = SimpleNamespace(write_paused=True)
+    transport = SimpleNamespace(write=wire.append)
+    drained = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:  # uvicorn's order: drain, then write
+        if flow.write_paused:
+            await drained.wait()
+        wire.append(message["body"])
+
+    subscriber = Subscriber(("c",), limit=100)
+    subscriber.cycle = SimpleNamespace(transport=transport, flow=flow, disconnected=False)
+    subscriber.chunked = False
+    task = asyncio.create_task(_pump(subscriber, send))
+    first, second, third = (Event("c", f"n{i}", None, i) for i in (1, 2, 3))
+
+    subscriber.push(first)  # the socket is paused: buffered for the task
+    await asyncio.sleep(0)  # the task takes it and waits in send for the drain
+    assert subscriber.sending and not subscriber.buf
+    flow.write_paused = False  # drained; the task has not resumed yet
+    drained.set()
+    subscriber.push(second)  # must queue behind the first
+    await asyncio.sleep(0.01)
+    subscriber.push(third)  # idle and writable again: straight to the socket
+    assert wire[-1] == third.frame
+    subscriber.close()
+    await asyncio.wait_for(task, 2)
+    assert b"".join(wire) == first.frame + second.frame + third.frame
