@@ -31,6 +31,14 @@ def test_a_bad_setting_names_the_variable() -> None:
         conf.load({"SSEHUB_BROKER_URL": "redis://127.0.0.1/0", "SSEHUB_SECRET_KEY": "x" * 40})
     with pytest.raises(conf.ConfigError, match="SSEHUB_BROKER_URL"):
         conf.load({"SSEHUB_BROKER_URL": "mysql://x"})
+    for name, value in [("SSEHUB_HEARTBEAT", "nan"), ("SSEHUB_DRAIN_SECONDS", "inf"),
+                        ("SSEHUB_PUBLIC_CHANNELS", "news.*, bad name")]:
+        with pytest.raises(conf.ConfigError, match=name):
+            conf.load({name: value})
+    # A bad URL is named without echoing it: it may carry a password.
+    with pytest.raises(conf.ConfigError, match="SSEHUB_DATABASE_URL") as bad:
+        conf.load({"SSEHUB_DATABASE_URL": "postgress://app:s3cret@db/app"})
+    assert "s3cret" not in str(bad.value)
 
 
 def test_grafana_dashboard_charts_every_metric() -> None:

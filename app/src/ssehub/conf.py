@@ -14,7 +14,9 @@ has a default in the code.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ class Setting:
 
 def _positive_float(value: str) -> float:
     number = float(value)
-    if number <= 0:
+    if not math.isfinite(number) or number <= 0:
         raise ValueError("must be a positive number")
     return number
 
@@ -69,6 +71,26 @@ def _bool(value: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _database_url(value: str) -> str:
+    import dj_database_url
+
+    try:
+        dj_database_url.parse(value)
+    except Exception as exc:  # it raises several kinds for a bad URL
+        raise ValueError(f"not a database URL ({exc}); e.g. "
+                         "postgres://USER:PASSWORD@HOST:5432/NAME") from None
+    return value
+
+
+def _patterns(value: str) -> tuple[str, ...]:
+    patterns = _csv(value)
+    for pattern in patterns:
+        if not re.fullmatch(r"[A-Za-z0-9._:@*?\[\]!-]{1,63}", pattern):
+            raise ValueError(f"{pattern!r} is not a channel pattern (channel characters "
+                             "and the wildcards * ? [ ])")
+    return patterns
+
+
 def _broker_url(value: str) -> str:
     scheme = value.split("://", 1)[0] if "://" in value else ""
     if scheme not in {"memory", "redis", "rediss", "postgres", "postgresql", "unix"}:
@@ -83,7 +105,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(one process, development).", _broker_url),
     Setting("SSEHUB_DATABASE_URL", None,
             "Django's database (the chat demo's messages). Default: SQLite in "
-            "`SSEHUB_DATA_DIR`.", str),
+            "`SSEHUB_DATA_DIR`.", _database_url),
     Setting("SSEHUB_TOKEN_SECRET", None,
             "HS256 secret that signs publisher and subscriber tokens. Required unless embedded.",
             str, secret=True),
@@ -91,7 +113,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Django's SECRET_KEY. Required unless embedded.", str, secret=True),
     Setting("SSEHUB_PUBLIC_CHANNELS", "",
             "Comma-separated shell patterns of channels anyone may subscribe to (`news.*`).",
-            _csv),
+            _patterns),
     Setting("SSEHUB_HEARTBEAT", "15",
             "Seconds between heartbeat comments on every stream; keep it well inside the "
             "proxy's read timeout.", _positive_float),
@@ -186,7 +208,9 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[key] = setting.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{setting.name}={raw!r} is invalid: {exc}") from None
+            # URLs may carry a password, and logs keep startup errors: show those masked.
+            shown = "'...'" if setting.secret or setting.name.endswith("_URL") else repr(raw)
+            raise ConfigError(f"{setting.name}={shown} is invalid: {exc}") from None
     values["data_dir_raw"] = values.pop("data_dir")
     config = Config(values)
     for name in ("SSEHUB_TOKEN_SECRET", "SSEHUB_SECRET_KEY"):
