@@ -1,4 +1,5 @@
-"""Frames reach a stream in id order when the hub's direct write meets a paused socket.
+"""Frames reach a stream in id order, once: the direct write meets a paused socket,
+and a Last-Event-ID replay meets the live events it already covered.
 
 The hub writes each event straight to an idle, writable stream's socket
 (hub.Subscriber.push); otherwise the stream's task sends what was buffered.
@@ -22,9 +23,8 @@ from ssehub.hub import Subscriber
 from ssehub.sse import Event
 from ssehub.stream import _pump
 
-pytestmark = pytest.mark.asyncio
 
-
+@pytest.mark.asyncio
 async def test_direct_write_waits_for_frames_the_task_is_still_sending() -> None:
     wire: list[bytes] = []
     flow = SimpleNamespace(write_paused=True)
@@ -54,3 +54,22 @@ async def test_direct_write_waits_for_frames_the_task_is_still_sending() -> None
     subscriber.close()
     await asyncio.wait_for(task, 2)
     assert b"".join(wire) == first.frame + second.frame + third.frame
+
+
+def test_live_events_the_replay_sent_are_not_sent_again() -> None:
+    """After a Last-Event-ID replay up to id 5 (floor), the listener may still
+    deliver 4 and 5 live (it lags behind the replay's read): they are dropped,
+    also out of a Batch that straddles the floor; newer ids, heartbeats and raw
+    events pass."""
+    from ssehub.hub import HEARTBEAT, Batch
+
+    subscriber = Subscriber(("c",), limit=100)
+    subscriber.floor = 5
+    events = {i: Event("c", f"n{i}", None, i) for i in range(3, 9)}
+    subscriber.push(events[5])
+    subscriber.push(Batch([events[3], events[4], events[6]]))
+    subscriber.push(HEARTBEAT)
+    subscriber.push(Event("c", "raw"))
+    subscriber.push(Batch([events[7], events[8]]))
+    sent = [e for item in subscriber.buf for e in getattr(item, "events", [item])]
+    assert [getattr(e, "id", None) for e in sent] == [6, None, None, 7, 8]

@@ -70,8 +70,8 @@ DRAINING = Frame(sse.DRAINING)
 class Subscriber:
     """One open stream. Only its own coroutine reads ``buf``; the hub appends."""
 
-    __slots__ = ("buf", "channels", "chunked", "closed", "cycle", "dropped", "limit", "sending",
-                 "task", "waiter")
+    __slots__ = ("buf", "channels", "chunked", "closed", "cycle", "dropped", "floor", "limit",
+                 "sending", "task", "waiter")
 
     def __init__(self, channels: tuple[str, ...], limit: int,
                  task: asyncio.Task[Any] | None = None) -> None:
@@ -91,9 +91,14 @@ class Subscriber:
         # waits for a paused socket to drain *before* writing them, so a direct
         # write now would overtake them (ids out of order, duplicates on replay).
         self.sending = False
+        # Ids up to here were sent by the Last-Event-ID replay: the listener may
+        # still deliver some of them live (it lags behind the replay's read).
+        self.floor = 0
 
     def push(self, item: Any) -> None:
         if self.closed:
+            return
+        if self.floor and self._replayed(item):
             return
         cycle = self.cycle
         if (cycle is not None and not self.buf and not self.sending
@@ -112,6 +117,19 @@ class Subscriber:
             self.waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _replayed(self, item: Any) -> bool:
+        """True when the replay already sent ``item`` (a Batch: pushes what it did not)."""
+        floor = self.floor
+        events = getattr(item, "events", None)
+        if events is None:
+            return item.id is not None and item.id <= floor
+        if all(e.id is None or e.id > floor for e in events):
+            return False
+        for event in events:
+            if event.id is None or event.id > floor:
+                self.push(event)
+        return True
 
     def wake(self) -> None:
         waiter = self.waiter

@@ -38,6 +38,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 MAX_CHANNELS = 32
+REPLAY_WRITE_BYTES = 256 * 1024
 DIRECT_ATTRIBUTES = ("transport", "flow", "disconnected", "chunked_encoding")
 COOKIE_NAME = "ssehub_token"
 STREAM_HEADERS = [
@@ -159,17 +160,27 @@ async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id:
         head = replay.head if replay is not None else 0
         reason = "unknown id" if replay is None or after > head else "older than retention"
         data = json.dumps({"reason": reason, "last_event_id": last_id})
-        frame = sse.encode(data, "reset", head if head else None)
+        frames = [sse.encode(data, "reset", head if head else None)]
         cursor = head
     else:
-        frame = b"".join(event.frame for event in replay.events)
+        frames = [event.frame for event in replay.events]
         cursor = (replay.events[-1].id or after) if replay.events else after
+    # Live events the replay covers are dropped: those buffered now, and (floor)
+    # those the listener still delivers while the replay is being sent.
+    subscriber.floor = cursor or 0
     pending: list[Any] = []
     for item in subscriber.buf:
         pending.extend(item.events if isinstance(item, Batch) else (item,))
-    subscriber.buf = [e for e in pending if e.id is None or e.id > (cursor or 0)]
-    if frame:
-        await send({"type": "http.response.body", "body": frame, "more_body": True})
+    subscriber.buf = [e for e in pending if e.id is None or e.id > subscriber.floor]
+    # In writes of about REPLAY_WRITE_BYTES: each send waits for the client, so a
+    # long replay never sits in memory twice (joined) or in the socket's buffer.
+    start = size = 0
+    for end, frame in enumerate(frames, 1):
+        size += len(frame)
+        if size >= REPLAY_WRITE_BYTES or end == len(frames):
+            await send({"type": "http.response.body", "body": b"".join(frames[start:end]),
+                        "more_body": True})
+            start, size = end, 0
 
 
 async def _pump(subscriber: Subscriber, send: Send) -> None:
