@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -9,12 +10,24 @@ import pytest
 
 from ssehub import cli, conf
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
 
 
 def test_settings_table_is_the_generated_one() -> None:
     block = README.split("<!-- settings-table -->\n", 1)[1].split("<!-- /settings-table -->", 1)[0]
     assert block.strip() == conf.settings_table().strip()
+
+
+def test_every_test_the_readme_names_exists() -> None:
+    """The failure table points at tests by name (``test_g4_*`` for a family)."""
+    defined: set[str] = set()
+    for path in [*(ROOT / "app" / "tests").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
+        defined |= set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M))
+    named = set(re.findall(r"`(test_[a-z0-9_*]+)`", README))
+    assert named, "the README names no tests"
+    assert not [n for n in named if not fnmatch.filter(defined, n)], \
+        sorted(n for n in named if not fnmatch.filter(defined, n))
 
 
 def test_every_ssehub_command_in_the_readme_exists() -> None:
