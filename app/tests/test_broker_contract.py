@@ -49,6 +49,23 @@ async def test_i1_reset_when_id_older_than_retention(hub: Hub) -> None:
     assert (await hub.broker.replay(["r"], ids[1])).reset
 
 
+async def test_i1_reset_when_missed_events_are_older_than_retention_seconds(make_config) -> None:  # type: ignore[no-untyped-def]
+    """Age retention holds on a channel that got no publish since (brokers trim
+    by age on publish): the expired events are not replayed; the client resyncs."""
+    hub = Hub(make_config(SSEHUB_RETENTION_SECONDS="1"))
+    await hub.start()
+    try:
+        old = [await hub.broker.publish("aged", str(i)) for i in range(2)]
+        assert [e.id for e in (await hub.replay(["aged"], 0)).events] == old
+        await asyncio.sleep(1.2)
+        expired = await hub.replay(["aged"], 0)
+        assert expired.reset and expired.head == old[-1]
+        fresh = await hub.broker.publish("aged", "new")
+        assert [e.id for e in (await hub.replay(["aged"], old[-1])).events] == [fresh]
+    finally:
+        await hub.close()
+
+
 async def test_i1_reset_for_an_id_never_issued(hub: Hub) -> None:
     last = await hub.broker.publish("r", "x")
     replay = await hub.broker.replay(["r"], last + 1000)

@@ -26,11 +26,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import metrics, sse
-from .brokers import Broker, BrokerUnavailable, create
+from .brokers import Broker, BrokerUnavailable, Replay, create
 from .conf import Config
 from .sse import Event
 
@@ -244,6 +244,20 @@ class Hub:
             await asyncio.sleep(self.config.heartbeat)
             for subscriber in self._subscribers:
                 subscriber.push(HEARTBEAT)
+
+    async def replay(self, channels: Sequence[str], after: int) -> Replay:
+        """The broker's replay, with the age limit applied when it is read too.
+
+        Brokers trim by age when a channel gets a publish, so a quiet channel still
+        holds events older than SSEHUB_RETENTION_SECONDS: a client that missed one
+        of those gets a reset, as the contract says, not a stale replay.
+        """
+        replay = await self.broker.replay(channels, after)
+        if not replay.reset and replay.events:
+            oldest = replay.events[0].published_at
+            if oldest is not None and oldest < time.time() - self.config.retention_seconds:
+                return Replay(reset=True, head=replay.head)
+        return replay
 
     # subscribers
     @property

@@ -155,7 +155,7 @@ async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id:
         after = int(last_id)
     except ValueError:
         after = -1
-    replay = await hub.broker.replay(names, after) if after >= 0 else None
+    replay = await hub.replay(names, after) if after >= 0 else None
     if replay is None or replay.reset:
         head = replay.head if replay is not None else 0
         reason = "unknown id" if replay is None or after > head else "older than retention"
