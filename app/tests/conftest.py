@@ -151,6 +151,19 @@ def caddy(stack: tuple[Hub, Nginx], tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
+def django_db(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """In-process Django on a throwaway SQLite database."""
+    import django
+    from django.conf import settings
+    from django.core.management import call_command
+
+    django.setup()
+    settings.DATABASES["default"]["NAME"] = str(tmp_path_factory.mktemp("db") / "t.sqlite3")
+    call_command("migrate", verbosity=0)
+    return settings
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 

@@ -10,18 +10,6 @@ from asgiref.sync import sync_to_async
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture(scope="module")
-def django_db(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    import django
-    from django.conf import settings
-    from django.core.management import call_command
-
-    django.setup()
-    settings.DATABASES["default"]["NAME"] = str(tmp_path_factory.mktemp("db") / "t.sqlite3")
-    call_command("migrate", verbosity=0)
-    return settings
-
-
 async def test_h3_rollback_publishes_nothing_commit_publishes_once(django_db) -> None:  # type: ignore[no-untyped-def]
     from django.db import transaction
 
