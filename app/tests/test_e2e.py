@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from conftest import SECRET, base_env, fresh_database
 from httpx_sse import aconnect_sse
@@ -203,6 +204,47 @@ async def test_i1_unknown_id_gets_a_reset_event(proxy, client) -> None:  # type:
                                {"Last-Event-ID": "999999999999"})
     assert events[0].event == "reset"
     assert json.loads(events[0].data)["reason"] == "unknown id"
+
+
+async def test_f5_open_streams_hold_no_database_connection(stack, pg_server, client) -> None:  # type: ignore[no-untyped-def]
+    """Streams never keep a Django database connection (the chat page uses the
+    database; the stream path does not), and closing them leaves none behind."""
+    hub, nginx = stack
+    dbname = hub.env["SSEHUB_DATABASE_URL"].rsplit("/", 1)[1]
+
+    def connections() -> int:
+        with psycopg.connect(pg_server.conninfo(), autocommit=True) as admin:
+            row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                (dbname,)).fetchone()
+        return int(row[0]) if row else 0
+
+    assert (await client.get(f"{nginx.url}/")).status_code == 200  # a query per request
+    baseline = connections()
+    release = asyncio.Event()
+    arrived = 0
+
+    async def hold() -> None:
+        nonlocal arrived
+        async with client.stream("GET", f"{nginx.url}/events/?channel=public.f5") as response:
+            async for chunk in response.aiter_raw():
+                if b"data: f5" in chunk:
+                    arrived += 1
+                    await release.wait()
+                    return
+
+    holders = [asyncio.create_task(hold()) for _ in range(20)]
+    await asyncio.sleep(0.5)
+    await publish(client, nginx.url, "public.f5", "f5")
+    async with asyncio.timeout(5):
+        while arrived < 20:
+            await asyncio.sleep(0.05)
+    assert connections() <= baseline, "streams hold database connections"
+    release.set()
+    await asyncio.gather(*holders)
+    deadline = time.monotonic() + 2
+    while connections() > baseline and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert connections() <= baseline
 
 
 async def test_a7_clients_get_only_their_own_events(proxy, client) -> None:  # type: ignore[no-untyped-def]
