@@ -96,3 +96,20 @@ async def test_f1_async_generator_gets_heartbeats_while_quiet(rf, monkeypatch) -
         await reader
     conf.reset()
     assert closed.is_set()
+
+
+async def test_yields_cannot_forge_fields_and_data_becomes_json(rf) -> None:  # type: ignore[no-untyped-def]
+    from ssehub import sse_stream
+
+    @sse_stream
+    def view(request):  # type: ignore[no-untyped-def]
+        yield ("score", {"home": 2, "away": 1})
+        yield {"data": [1, "zwei"], "id": 3}
+        yield ("x\ndata: forged", "payload")
+
+    response = await view(rf.get("/"))
+    chunks = await consume(response, 3)
+    assert chunks[1:] == [b'event: score\ndata: {"home":2,"away":1}\n\n',
+                          b'id: 3\ndata: [1,"zwei"]\n\n']
+    with pytest.raises(ValueError, match="CR or LF"):
+        await consume(response, 1)

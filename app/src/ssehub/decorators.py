@@ -1,7 +1,9 @@
 """``@sse_stream``: custom streams from sync or async generators (seed 001's ergonomics).
 
 The generator may yield ``str`` (data), ``(event, data)``, a ``dict`` with
-``data`` and optional ``event``/``id``, or an ``sse.Event``. The response has the
+``data`` and optional ``event``/``id``, or an ``sse.Event``; data that is not a
+string is sent as JSON, and an event name or id with CR or LF raises ValueError
+(it would forge fields). The response has the
 hub's headers, starts with ``retry:`` and a comment at once, and gets heartbeat
 comments while the generator is quiet. Sync generators run in a thread, one
 step at a time, so they never block the event loop (E1/F1).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
@@ -23,15 +26,22 @@ from . import conf, sse
 _DONE = object()
 
 
+def _data(value: Any) -> str:
+    """Strings as they are; anything else as compact JSON, as the publish API does."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _frame(item: Any) -> bytes:
     if isinstance(item, sse.Event):
         return item.frame
     if isinstance(item, str):
         return sse.encode(item)
     if isinstance(item, tuple) and len(item) == 2:
-        return sse.encode(str(item[1]), str(item[0]))
+        return sse.encode(_data(item[1]), str(item[0]))
     if isinstance(item, dict) and "data" in item:
-        return sse.encode(str(item["data"]), item.get("event"), item.get("id"))
+        return sse.encode(_data(item["data"]), item.get("event"), item.get("id"))
     raise TypeError(f"@sse_stream generators yield str, (event, data), dict or Event, not {item!r}")
 
 

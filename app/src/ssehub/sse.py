@@ -45,11 +45,20 @@ def chunked(frame: bytes) -> bytes:
 
 
 def encode(data: str, event: str | None = None, event_id: int | str | None = None) -> bytes:
-    """Encode one SSE frame: ``id:``, ``event:``, one ``data:`` per line, blank line."""
+    """Encode one SSE frame: ``id:``, ``event:``, one ``data:`` per line, blank line.
+
+    A CR or LF in ``event`` or ``event_id`` would start another field (a forged
+    ``data:`` or ``id:``): ValueError. The publish API refuses such names with a
+    400 before they get here; this guards every other caller (``@sse_stream``).
+    """
     head = ""
     if event_id is not None:
         head = f"id: {event_id}\n"
+        if _LINE_BREAK.search(head[:-1]):
+            raise ValueError(f"an SSE id must not contain CR or LF: {event_id!r}")
     if event:
+        if _LINE_BREAK.search(event):
+            raise ValueError(f"an SSE event name must not contain CR or LF: {event!r}")
         head += f"event: {event}\n"
     body = "data: " + "\ndata: ".join(_LINE_BREAK.split(data))
     return f"{head}{body}\n\n".encode()
