@@ -200,10 +200,13 @@ async def test_i1_a_long_replay_arrives_whole_and_in_order(proxy, client) -> Non
 
 
 async def test_i1_unknown_id_gets_a_reset_event(proxy, client) -> None:  # type: ignore[no-untyped-def]
-    events = await read_events(client, f"{proxy.url}/events/?channel=public.reset", 1,
-                               {"Last-Event-ID": "999999999999"})
-    assert events[0].event == "reset"
-    assert json.loads(events[0].data)["reason"] == "unknown id"
+    newest = await publish(client, proxy.url, "public.reset", "x")
+    for unknown in ["999999999999", "not-an-id", "-1"]:
+        events = await read_events(client, f"{proxy.url}/events/?channel=public.reset", 1,
+                                   {"Last-Event-ID": unknown})
+        assert events[0].event == "reset"
+        assert json.loads(events[0].data) == {"reason": "unknown id", "last_event_id": unknown}
+        assert int(events[0].id) >= int(newest)  # resync from here
 
 
 async def test_f5_open_streams_hold_no_database_connection(stack, pg_server, client) -> None:  # type: ignore[no-untyped-def]

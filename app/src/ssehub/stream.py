@@ -39,6 +39,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 MAX_CHANNELS = 32
 REPLAY_WRITE_BYTES = 256 * 1024
+NEVER_ISSUED = 2**63 - 1
 DIRECT_ATTRIBUTES = ("transport", "flow", "disconnected", "chunked_encoding")
 COOKIE_NAME = "ssehub_token"
 STREAM_HEADERS = [
@@ -151,14 +152,13 @@ async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:
 async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id: str,
                     send: Send) -> None:
     """Send what the client missed, then drop buffered live events it now has."""
-    try:
-        after = int(last_id)
-    except ValueError:
-        after = -1
-    replay = await hub.replay(names, after) if after >= 0 else None
-    if replay is None or replay.reset:
-        head = replay.head if replay is not None else 0
-        reason = "unknown id" if replay is None or after > head else "older than retention"
+    # An id that is not ours at all ("abc", "-1") is an id never issued: a reset
+    # that carries the newest id, like any other unknown id.
+    after = int(last_id) if last_id.isascii() and last_id.isdigit() else NEVER_ISSUED
+    replay = await hub.replay(names, after)
+    if replay.reset:
+        head = replay.head
+        reason = "unknown id" if after > head else "older than retention"
         data = json.dumps({"reason": reason, "last_event_id": last_id})
         frames = [sse.encode(data, "reset", head if head else None)]
         cursor = head
