@@ -3,7 +3,8 @@
 # Makefile after mk/cluster.mk (uses its cluster-prepare and the Makefile's venv).
 #   make up            this machine prepared, `vagrant up`, URLs and curl lines
 #   make down          vagrant destroy -f
-#   make test-vagrant  up from scratch, smoke test, re-deploy changes nothing, destroy
+#   make test-vagrant  make up from scratch, smoke test, chat page, re-deploy changes
+#                      nothing, curl lines work, make down (tests/vagrant/test.sh)
 
 VAGRANT_IMAGE ?= ssekit/vagrant-debian:latest
 # The venv's ansible-playbook for the provisioner; plain output for logs.
@@ -40,5 +41,7 @@ up: vagrant-image
 down:
 	timeout 600 $(VAGRANT) destroy -f
 
+# test.sh runs `make up` and `make down` itself (up's vagrant-image is cached by
+# then); its own vagrant ssh/provision/status see the same image.
 test-vagrant: vagrant-image
-	timeout 3600 tests/vagrant/test.sh
+	SSEKIT_VAGRANT_IMAGE=$(VAGRANT_IMAGE) timeout 3600 tests/vagrant/test.sh

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# `make test-vagrant`: the `vagrant up` door, from scratch.
-#   1. vagrant up (docker provider): the machines, then site.yml deploys them
-#      and ends with the smoke test, one event across the proxy;
+# `make test-vagrant`: the README's first command, `make up`, from scratch.
+#   1. make up (mk/vagrant.mk): this machine prepared (cached: test-vagrant
+#      built the image), vagrant up with the docker provider, site.yml ending
+#      with the smoke test (one event across the proxy), then the URLs and curl
+#      lines (tests/vagrant/urls.sh); the chat demo URL it prints answers 200;
 #   2. vagrant ssh reaches a host, and the hub runs there;
 #   3. vagrant provision deploys again: every host in the PLAY RECAP, the
 #      controller's smoke play included, reports changed=0;
-#   4. vagrant destroy -f, always (also on failure or interrupt).
+#   4. the subscribe and publish lines make up printed work as pasted;
+#   5. make down, always (also on failure or interrupt).
 # Needs what `make vagrant-image` prepares (vagrant, dockerd, the image, .venv).
 # Logs: .cache/vagrant/.
 set -euo pipefail
@@ -13,6 +16,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 export PATH="$root/.venv/bin:$PATH" VAGRANT_NO_COLOR=1
+# The make that runs `make test-vagrant` runs up and down too; MAKEFLAGS stays,
+# so variables given on its command line (VAGRANT_IMAGE=...) reach them.
+make=(make --no-print-directory -C "$root")
 logs="$root/.cache/vagrant"
 mkdir -p "$logs"
 
@@ -38,17 +44,27 @@ fi
 destroy() {
   local rc=$?
   trap - EXIT INT TERM
-  step "vagrant destroy -f"
-  timeout 600 vagrant destroy -f >"$logs/destroy.log" 2>&1 || { tail -n 20 "$logs/destroy.log" >&2; rc=1; }
+  step "make down"
+  timeout 900 "${make[@]}" down >"$logs/down.log" 2>&1 || { tail -n 20 "$logs/down.log" >&2; rc=1; }
   step "$( [ "$rc" = 0 ] && echo passed || echo failed ) in $SECONDS s"
   exit "$rc"
 }
 trap destroy EXIT
 trap 'exit 130' INT TERM
 
-step "vagrant up --provider=docker (machines, then site.yml and the smoke test)"
-logged up 2400 vagrant up --provider=docker
+step "make up (vagrant up: machines, then site.yml and the smoke test; then the URLs)"
+logged up 2700 "${make[@]}" up
 grep -E "msg: 'ok: event [0-9]+ crossed" "$logs/up.log" || fail "no smoke test result in $logs/up.log"
+# What make up printed last (tests/vagrant/urls.sh), checked below as a user would.
+sed -n '/^ssekit is up: /,$p' "$logs/up.log" >"$logs/urls.txt"
+[ -s "$logs/urls.txt" ] || fail "make up printed no URLs (tests/vagrant/urls.sh; log: $logs/up.log)"
+
+step "the chat demo URL make up printed answers with the chat page"
+chat="$(sed -n 's/^  chat demo:  \(https:[^ ]*\).*/\1/p' "$logs/urls.txt")"
+[ -n "$chat" ] || fail "no chat demo line in $logs/urls.txt"
+status="$(curl -sk -o "$logs/chat.html" -w '%{http_code}' --max-time 10 "$chat")" || status="curl exit $?"
+[ "$status" = 200 ] || fail "GET $chat answered $status"
+grep -q '<title>ssehub chat: ' "$logs/chat.html" || fail "GET $chat is not the chat page ($logs/chat.html)"
 
 step "vagrant ssh app1: the hub runs"
 [ "$(timeout 60 vagrant ssh app1 -c 'systemctl is-active ssehub' 2>/dev/null | tr -d '\r')" = active ] ||
@@ -68,7 +84,6 @@ fi
 grep -E "msg: 'ok: event [0-9]+ crossed" "$logs/provision.log" || fail "no smoke test result after provision"
 
 step "make up's last lines (tests/vagrant/urls.sh): the printed curl lines work as pasted"
-tests/vagrant/urls.sh >"$logs/urls.txt" || fail "tests/vagrant/urls.sh"
 subscribe="$(sed -n 's/^  subscribe:  //p' "$logs/urls.txt")"
 publish="$(awk '/^  publish:/ { p = 1 } p { print } p && /\/publish\/$/ { exit }' "$logs/urls.txt" |
   sed 's/^  publish:  //')"
