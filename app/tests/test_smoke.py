@@ -2,18 +2,25 @@
 
 Each failure is made on purpose with a real server: an unresolvable name, a
 closed port, TLS against plain HTTP, nginx with a dead upstream, a plain web
-server, nginx that buffers, a token that may not publish, and a proxy whose
-publish and stream go to hubs that do not share a broker.
+server, nginx that compresses the stream, a proxy that buffers, a token that may
+not publish, and a proxy whose publish and stream go to hubs that do not share a
+broker. Each one meets the three doors to the same check: ``probe()``, the
+``ssehub smoke`` command, and the ``sse_probe`` module run by
+ansible/playbooks/smoke.yml.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.server
+import json
+import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,65 +41,103 @@ def test_smoke_passes_through_nginx_and_reports_latency(stack) -> None:  # type:
     assert result.line().startswith("ok: event ")
 
 
-def test_smoke_command_exit_codes(stack) -> None:  # type: ignore[no-untyped-def]
+def test_smoke_command_prints_one_ok_line(stack) -> None:  # type: ignore[no-untyped-def]
     _, nginx = stack
     good = subprocess.run([sys.executable, "-m", "ssehub.cli", "smoke", nginx.url, "--token",
                            TOKEN], capture_output=True, text=True, timeout=30)
     assert good.returncode == 0 and good.stdout.startswith("ok: "), good.stdout + good.stderr
-    bad = subprocess.run([sys.executable, "-m", "ssehub.cli", "smoke",
-                          f"http://127.0.0.1:{free_port()}", "--token", TOKEN],
-                         capture_output=True, text=True, timeout=30)
-    assert bad.returncode == 1 and bad.stdout.startswith("FAILED at tcp: ")
+    assert len(good.stdout.splitlines()) == 1, good.stdout
 
 
-@pytest.mark.parametrize(("url", "hop"), [
-    ("http://no-such-host.invalid", "dns"),
-    ("http://127.0.0.1:{closed}", "tcp"),
-    ("https://127.0.0.1:{nginx}", "tls"),
-])
-def test_smoke_names_the_transport_hop(stack, url: str, hop: str) -> None:  # type: ignore[no-untyped-def]
+def run_smoke_playbook(url: str, *extra: str,
+                       callback: str = "default") -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[2]
+    playbook = Path(sys.executable).parent / "ansible-playbook"
+    return subprocess.run(
+        [str(playbook), "-i", "localhost,", "ansible/playbooks/smoke.yml",
+         "-e", f"ssehub_smoke_url={url}", "-e", f"ssehub_token_secret={SECRET}", *extra],
+        cwd=root, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_STDOUT_CALLBACK": callback})
+
+
+def test_smoke_playbook_reports_the_latency(stack) -> None:  # type: ignore[no-untyped-def]
     _, nginx = stack
-    result = probe(url.format(closed=free_port(), nginx=nginx.port), TOKEN, timeout=3)
-    assert not result.ok and result.hop == hop, result.line()
+    good = run_smoke_playbook(nginx.url)
+    assert good.returncode == 0, good.stdout[-2000:]
+    assert "ok: event " in good.stdout and "crossed" in good.stdout
 
 
-def test_smoke_names_a_dead_upstream(tmp_path: Path) -> None:
-    with running(Nginx(tmp_path, [free_port()])) as nginx:
-        result = probe(nginx.url, TOKEN, timeout=3)
-    assert result.hop == "proxy status" and " 502 " in result.message, result.line()
+@dataclass(frozen=True)
+class Broken:
+    """A deployment broken at one hop, and what the smoke test must say about it."""
+
+    hop: str
+    url: str
+    says: str  # part of the message after "FAILED at <hop>: "
+    token: str | None = None  # None: TOKEN (the playbook mints its own from SECRET)
+    timeout: float = 3.0
 
 
-def test_smoke_names_a_server_that_is_not_ssehub(tmp_path: Path) -> None:
-    (tmp_path / "events").mkdir()
-    (tmp_path / "events" / "index.html").write_text("<html>not a stream</html>")
-    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+# A breakage sets up one failure with real servers (stack: the session's hub and
+# nginx; a fresh directory) and tears it down once all three doors have met it.
+Breakage = Callable[[tuple[Hub, Nginx], Path], AbstractContextManager[Broken]]
+
+
+@contextmanager
+def unresolvable_name(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+    yield Broken("dns", "http://no-such-host.invalid", "cannot resolve no-such-host.invalid")
+
+
+@contextmanager
+def closed_port(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+    yield Broken("tcp", f"http://127.0.0.1:{free_port()}", "cannot connect to 127.0.0.1:")
+
+
+@contextmanager
+def tls_against_plain_http(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+    _, nginx = stack
+    yield Broken("tls", f"https://127.0.0.1:{nginx.port}", "TLS handshake with 127.0.0.1:")
+
+
+@contextmanager
+def dead_upstream(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+    with running(Nginx(directory, [free_port()])) as nginx:
+        yield Broken("proxy status", nginx.url, " answered 502 ")
+
+
+@contextmanager
+def server_that_is_not_ssehub(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+    (directory / "events").mkdir()
+    (directory / "events" / "index.html").write_text("<html>not a stream</html>")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(directory))  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = probe(f"http://127.0.0.1:{server.server_address[1]}", TOKEN, timeout=3)
+        yield Broken("content type", f"http://127.0.0.1:{server.server_address[1]}",
+                     "Content-Type 'text/html")
     finally:
         server.shutdown()
         server.server_close()
-    assert result.hop == "content type" and "text/html" in result.message, result.line()
 
 
-def test_smoke_names_compression_on_the_stream(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@contextmanager
+def compression_on_the_stream(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
     """A6: gzip switched on for text/event-stream holds events back."""
     hub, _ = stack
-    locations = tmp_path / "gzip.conf"
+    locations = directory / "gzip.conf"
     locations.write_text((TEMPLATES / "nginx/ssehub-locations.conf").read_text().replace(
         "gzip off;", "gzip on; gzip_types text/event-stream;"))
-    with running(Nginx(tmp_path, [hub.port], locations=locations)) as compressing:
-        result = probe(compressing.url, TOKEN, timeout=3)
-    assert result.hop == "buffering" and "compressed (gzip)" in result.message, result.line()
+    with running(Nginx(directory, [hub.port], locations=locations)) as compressing:
+        yield Broken("buffering", compressing.url, "compressed (gzip)")
 
 
-def test_smoke_names_a_buffering_proxy(stack) -> None:  # type: ignore[no-untyped-def]
+@contextmanager
+def buffering_proxy(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
     """A proxy that passes headers at once but holds the body until 64 kB (a stand-in
     for a buffering CDN or load balancer; nginx 1.22 flushes each upstream read)."""
     hub, _ = stack
     port = free_port()
-    ready = threading.Event()
+    ready, done = threading.Event(), threading.Event()
 
     async def pipe(reader, writer, hold: bool) -> None:  # type: ignore[no-untyped-def]
         held = b""
@@ -122,70 +167,93 @@ def test_smoke_names_a_buffering_proxy(stack) -> None:  # type: ignore[no-untype
         server = await asyncio.start_server(handle, "127.0.0.1", port)
         ready.set()
         async with server:
-            await asyncio.sleep(15)
+            await asyncio.to_thread(done.wait)
 
     thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
-    ready.wait(5)
-    result = probe(f"http://127.0.0.1:{port}", TOKEN, timeout=3)
-    assert result.hop == "buffering" and "no bytes within" in result.message, result.line()
+    assert ready.wait(5), "the buffering proxy did not start"
+    try:
+        yield Broken("buffering", f"http://127.0.0.1:{port}", "no bytes within")
+    finally:
+        done.set()
+        thread.join(10)
 
 
-def test_smoke_names_a_token_that_may_not_publish(stack) -> None:  # type: ignore[no-untyped-def]
+@contextmanager
+def token_that_may_not_publish(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
     _, nginx = stack
     subscribe_only = tokens.mint(SECRET, subscribe=["smoke.*"], ttl=600)
-    result = probe(nginx.url, subscribe_only, timeout=3)
-    assert result.hop == "publish" and "403" in result.message, result.line()
+    yield Broken("publish", nginx.url, "answered 403", token=subscribe_only)
 
 
-@pytest.fixture
-def split_proxy(stack, tmp_path: Path) -> Iterator[Nginx]:  # type: ignore[no-untyped-def]
+@contextmanager
+def lost_delivery(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
     """Streams go to the shared hub, publishes to a hub on another Redis."""
     hub, _ = stack
-    redis = Redis(tmp_path)
-    other = Hub(tmp_path, base_env(SSEHUB_BROKER_URL=redis.url, SSEHUB_DATA_DIR=str(tmp_path)))
+    redis = Redis(directory)
+    other = Hub(directory, base_env(SSEHUB_BROKER_URL=redis.url, SSEHUB_DATA_DIR=str(directory)))
     stream_part, publish_part = (TEMPLATES / "nginx/ssehub-locations.conf").read_text().split(
         "location = /publish/ {", 1)
-    locations = tmp_path / "split.conf"
+    locations = directory / "split.conf"
     locations.write_text(stream_part + "location = /publish/ {" + publish_part.replace(
         "proxy_pass http://ssehub;", "proxy_pass http://other;", 1))
-    nginx = Nginx(tmp_path, [hub.port], locations=locations,
+    nginx = Nginx(directory, [hub.port], locations=locations,
                   http_extra=f"upstream other {{ server 127.0.0.1:{other.port}; }}")
     try:
         redis.start()
         other.start()
         nginx.start()
-        yield nginx
+        yield Broken("delivery", nginx.url, "was stored but did not arrive", timeout=1)
     finally:
         nginx.stop()
         other.stop()
         redis.stop()
 
 
-def test_smoke_names_lost_delivery(split_proxy: Nginx) -> None:
-    result = probe(split_proxy.url, TOKEN, timeout=2)
-    assert result.hop == "delivery" and "was stored but did not arrive" in result.message, (
-        result.line())
+BREAKAGES: list[Breakage] = [
+    unresolvable_name, closed_port, tls_against_plain_http, dead_upstream,
+    server_that_is_not_ssehub, compression_on_the_stream, buffering_proxy,
+    token_that_may_not_publish, lost_delivery,
+]
 
 
-def run_smoke_playbook(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    root = Path(__file__).resolve().parents[2]
-    playbook = Path(sys.executable).parent / "ansible-playbook"
-    return subprocess.run(
-        [str(playbook), "-i", "localhost,", "ansible/playbooks/smoke.yml",
-         "-e", f"ssehub_smoke_url={url}", "-e", f"ssehub_token_secret={SECRET}", *extra],
-        cwd=root, capture_output=True, text=True, timeout=120,
-        env={**__import__("os").environ, "ANSIBLE_NOCOLOR": "1"})
+@pytest.fixture(scope="module", params=BREAKAGES, ids=lambda breakage: breakage.__name__)
+def broken(request: pytest.FixtureRequest, stack: tuple[Hub, Nginx],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broken]:
+    """Module scope: pytest runs the three tests below against one breakage, then the next."""
+    with request.param(stack, tmp_path_factory.mktemp("broken")) as case:
+        yield case
 
 
-def test_smoke_playbook_passes_and_fails_with_the_hop(stack) -> None:  # type: ignore[no-untyped-def]
-    _, nginx = stack
-    good = run_smoke_playbook(nginx.url)
-    assert good.returncode == 0, good.stdout[-2000:]
-    assert "ok: event " in good.stdout and "crossed" in good.stdout
-    bad = run_smoke_playbook(f"http://127.0.0.1:{free_port()}")
-    assert bad.returncode != 0
-    assert "FAILED at tcp: cannot connect" in bad.stdout + bad.stderr
+def test_smoke_names_the_hop_that_broke(broken: Broken) -> None:
+    result = probe(broken.url, broken.token or TOKEN, timeout=broken.timeout)
+    assert not result.ok and result.hop == broken.hop, result.line()
+    assert broken.says in result.message and len(result.line().splitlines()) == 1, (
+        repr(result.line()))
+
+
+def test_smoke_command_prints_the_hop_that_broke(broken: Broken) -> None:
+    bad = subprocess.run([sys.executable, "-m", "ssehub.cli", "smoke", broken.url,
+                          "--token", broken.token or TOKEN, "--timeout", str(broken.timeout)],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    line, *rest = bad.stdout.splitlines() or [""]
+    assert not rest and line.startswith(f"FAILED at {broken.hop}: "), bad.stdout
+    assert broken.says in line, line
+
+
+def test_smoke_playbook_fails_with_the_hop_that_broke(broken: Broken) -> None:
+    extra = ["-e", f"ssehub_smoke_timeout={broken.timeout}"]
+    if broken.token:
+        extra += ["-e", f"ssehub_smoke_token={broken.token}"]
+    bad = run_smoke_playbook(broken.url, *extra, callback="ansible.posix.json")
+    assert bad.returncode != 0, bad.stdout[-2000:]
+    tasks = json.loads(bad.stdout)["plays"][0]["tasks"]
+    result = next(task["hosts"]["localhost"] for task in tasks
+                  if task["hosts"]["localhost"]["action"] == "sse_probe")
+    assert result["failed"] and result["hop"] == broken.hop, result
+    message = result["msg"]
+    assert message.startswith(f"FAILED at {broken.hop}: ") and broken.says in message, message
 
 
 def test_smoke_connect_to_keeps_the_public_name(stack) -> None:  # type: ignore[no-untyped-def]
@@ -218,6 +286,6 @@ def test_hub_on_a_unix_socket_behind_nginx(redis_server: Redis, tmp_path: Path) 
 def test_serve_refuses_a_relative_unix_socket() -> None:
     bad = subprocess.run([sys.executable, "-m", "ssehub.cli", "serve", "--bind", "unix:hub.sock"],
                          capture_output=True, text=True, timeout=30,
-                         env={**__import__("os").environ,
+                         env={**os.environ,
                               **base_env(SSEHUB_BROKER_URL="redis://127.0.0.1:1/0")})
     assert bad.returncode != 0 and "absolute path" in bad.stderr, bad.stderr

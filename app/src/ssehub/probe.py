@@ -30,6 +30,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 FIRST_BYTES_SECONDS = 2.0
+BODY_EXCERPT_CHARS = 200
+
+
+def _excerpt(body: bytes) -> str:
+    """A response body fit for the one readable line. Error pages end their lines with
+    CRLF (nginx's do), and a CR left in the line overwrites it in a terminal."""
+    return " ".join(body.decode(errors="replace").split())[:BODY_EXCERPT_CHARS]
 
 
 @dataclass
@@ -174,9 +181,8 @@ def probe(url: str, token: str, *, channel: str | None = None, timeout: float = 
         except (OSError, http.client.HTTPException) as exc:
             raise HopFailed("proxy status", f"no HTTP answer for the stream: {exc}") from None
         if response.status != 200:
-            body = response.read(300).decode(errors="replace").strip().replace("\n", " ")
             raise HopFailed("proxy status", f"GET {base}/events/ answered {response.status} "
-                                            f"{response.reason}: {body[:200]}")
+                                            f"{response.reason}: {_excerpt(response.read(300))}")
         content_type = response.getheader("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
             raise HopFailed("content type", f"stream answered Content-Type {content_type!r}, "
@@ -221,16 +227,16 @@ def _publish(parts: urllib.parse.SplitResult, base: str, token: str, channel: st
                            headers={"Authorization": f"Bearer {token}",
                                     "Content-Type": "application/json"})
         response = connection.getresponse()
-        body = response.read(2000).decode(errors="replace")
+        body = response.read(2000)
     except (OSError, http.client.HTTPException) as exc:
         raise HopFailed("publish", f"POST {base}/publish/ failed: {exc}") from None
     finally:
         connection.close()
     if response.status != 201:
         raise HopFailed("publish", f"POST {base}/publish/ answered {response.status}: "
-                                   f"{body.strip()[:200]}")
+                                   f"{_excerpt(body)}")
     try:
         return str(json.loads(body)["id"])
     except (ValueError, KeyError, TypeError):
         raise HopFailed("publish", f"POST {base}/publish/ answered 201 without an id: "
-                                   f"{body[:200]}") from None
+                                   f"{_excerpt(body)}") from None
