@@ -1,0 +1,121 @@
+"""The snippets ops copy (templates/) are what the roles render: one source of truth.
+
+The nginx and caddy roles read the snippets with ``lookup('file')`` and change
+only what an inventory must fill in: the upstream ``server`` lines (nginx), the
+site address, ``tls internal`` and the ``reverse_proxy`` upstreams (Caddy). This
+renders the roles' own templates with Ansible (``ansible.builtin.template`` on
+localhost, about two seconds) and fails when anything else differs, so an edit
+to a snippet or to a role template that makes them drift is caught without a
+cluster. (The cluster scenarios check the deployed files on the proxy too.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SNIPPETS = ROOT / "templates"
+PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
+UPSTREAMS = ["10.0.0.11:8000", "10.0.0.12:8000"]
+SITE = "sse.example.org"
+
+TEMPLATES = {
+    "ssehub-http.conf": ROOT / "roles/nginx/templates/etc/nginx/conf.d/ssehub-http.conf.j2",
+    "ssehub-upstream.conf": ROOT / "roles/nginx/templates/etc/nginx/conf.d/ssehub-upstream.conf.j2",
+    "ssehub-locations.conf": ROOT / "roles/nginx/templates/etc/nginx/snippets/ssehub-locations.conf.j2",
+    "Caddyfile.ssehub": ROOT / "roles/caddy/templates/etc/caddy/Caddyfile.j2",
+}
+
+
+def role_defaults(role: str) -> dict:
+    values: dict = {}
+    for name in ("defaults", "vars"):
+        path = ROOT / "roles" / role / name / "main.yml"
+        if path.exists():
+            values.update(yaml.safe_load(path.read_text()) or {})
+    return values
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    if not PLAYBOOK_BIN.exists():
+        pytest.fail(f"{PLAYBOOK_BIN} is missing: `make venv` installs requirements-deploy.txt")
+    out = tmp_path_factory.mktemp("rendered")
+    variables = {**role_defaults("nginx"), **role_defaults("caddy"),
+                 # what the inventory fills in: app hosts, the public name
+                 "nginx_upstream_servers": UPSTREAMS, "caddy_upstream_servers": UPSTREAMS,
+                 "caddy_site_address": SITE,
+                 "nginx_snippets_dir": str(SNIPPETS / "nginx"),
+                 "caddy_snippets_dir": str(SNIPPETS / "caddy"),
+                 "ansible_python_interpreter": sys.executable}
+    tasks = [{"name": f"Render {name}",
+              "ansible.builtin.template": {"src": str(src), "dest": str(out / name),
+                                           "mode": "0644"}}
+             for name, src in TEMPLATES.items()]
+    playbook = out / "render.yml"
+    playbook.write_text(yaml.safe_dump([{"hosts": "localhost", "connection": "local",
+                                         "gather_facts": False, "vars": variables,
+                                         "tasks": tasks}]))
+    (out / "ansible.cfg").write_text("[defaults]\n")  # not the repo's or the user's
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
+           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+           "ANSIBLE_CONFIG": str(out / "ansible.cfg")}
+    run = subprocess.run([str(PLAYBOOK_BIN), "-i", "localhost,", str(playbook)], cwd=out,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    return {name: (out / name).read_text() for name in TEMPLATES}
+
+
+def snippet(name: str) -> list[str]:
+    folder = "caddy" if name.startswith("Caddyfile") else "nginx"
+    return (SNIPPETS / folder / name).read_text().splitlines()
+
+
+def body(text: str, first: str) -> list[str]:
+    """The rendered lines from the snippet's first line on (past the role's header)."""
+    lines = text.splitlines()
+    assert first in lines, f"the rendered file lost the snippet's first line {first!r}"
+    return lines[lines.index(first):]
+
+
+@pytest.mark.parametrize("name", ["ssehub-http.conf", "ssehub-locations.conf"])
+def test_nginx_snippet_is_rendered_verbatim(rendered: dict[str, str], name: str) -> None:
+    source = snippet(name)
+    assert body(rendered[name], source[0]) == source
+
+
+def test_nginx_upstream_differs_only_in_its_server_lines(rendered: dict[str, str]) -> None:
+    source = snippet("ssehub-upstream.conf")
+    out = body(rendered["ssehub-upstream.conf"], source[0])
+    server = re.compile(r"^\s*server\s")
+    assert [line for line in out if not server.match(line)] == \
+        [line for line in source if not server.match(line)]
+    options = role_defaults("nginx")["nginx_upstream_server_options"]
+    assert [line.strip() for line in out if server.match(line)] == \
+        [f"server {u} {options};" for u in UPSTREAMS]
+
+
+def test_caddyfile_differs_only_in_site_address_tls_and_upstreams(rendered: dict[str, str]) -> None:
+    source = snippet("Caddyfile.ssehub")
+    out = body(rendered["Caddyfile.ssehub"], source[0])
+    site = next(i for i, line in enumerate(source) if re.match(r"^\S+\s*\{\s*$", line)
+                and not line.startswith("#"))
+    site_out = out.index(f"{SITE} {{")
+    assert out[:site_out] == source[:site], "the snippet's header comment changed"
+    rest_out = [line for line in out[site_out + 1:] if line.strip() != "tls internal"]
+    rest_source = source[site + 1:]
+    assert len(rest_out) == len(rest_source), (rest_out, rest_source)
+    proxy = re.compile(r"reverse_proxy\s+\S+")
+    for got, want in zip(rest_out, rest_source, strict=True):
+        if proxy.search(want):
+            assert got == proxy.sub("reverse_proxy " + " ".join(UPSTREAMS), want)
+        else:
+            assert got == want
+    assert "\ttls internal" in out  # caddy_tls_internal defaults to true
