@@ -26,10 +26,11 @@ PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 UPSTREAMS = ["10.0.0.11:8000", "10.0.0.12:8000"]
 SITE = "sse.example.org"
 
+NGINX = ROOT / "roles/nginx/templates/etc/nginx"
 TEMPLATES = {
-    "ssehub-http.conf": ROOT / "roles/nginx/templates/etc/nginx/conf.d/ssehub-http.conf.j2",
-    "ssehub-upstream.conf": ROOT / "roles/nginx/templates/etc/nginx/conf.d/ssehub-upstream.conf.j2",
-    "ssehub-locations.conf": ROOT / "roles/nginx/templates/etc/nginx/snippets/ssehub-locations.conf.j2",
+    "ssehub-http.conf": NGINX / "conf.d/ssehub-http.conf.j2",
+    "ssehub-upstream.conf": NGINX / "conf.d/ssehub-upstream.conf.j2",
+    "ssehub-locations.conf": NGINX / "snippets/ssehub-locations.conf.j2",
     "Caddyfile.ssehub": ROOT / "roles/caddy/templates/etc/caddy/Caddyfile.j2",
 }
 
