@@ -105,7 +105,11 @@ WILDCARD = frozenset({"0.0.0.0", "::", "*"})
 
 
 def private_address(host: Any) -> str:
-    """The host's private address as the roles take it: Ansible's default IPv4."""
+    """The host's ssekit_private_address, which the roles use: a literal set in
+    the inventory, or else its default, the address of the default route."""
+    value = host.ansible.get_variables().get("ssekit_private_address")
+    if isinstance(value, str) and "{{" not in value:
+        return value
     facts = host.ansible("setup", "gather_subset=!all,network filter=ansible_default_ipv4")
     return str(facts["ansible_facts"]["ansible_default_ipv4"]["address"])
 

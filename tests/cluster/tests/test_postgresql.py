@@ -46,7 +46,7 @@ def test_app_role_uses_scram(host):
 
 def test_postgresql_listens_only_on_loopback_and_its_private_address(host):
     """Never 0.0.0.0: localhost for local tools, the private address
-    (postgresql_listen_address, the host's default IPv4) for the app hosts."""
+    (postgresql_listen_address: ssekit_private_address) for the app hosts."""
     port = setting("postgresql_port")
     private = private_address(host)
     addrs = listen_addresses(host, port)
