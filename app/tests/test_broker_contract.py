@@ -12,7 +12,7 @@ import subprocess
 import psycopg
 import pytest
 import redis
-from conftest import take
+from conftest import _config_factory, take
 
 from ssehub.hub import UNLISTEN_DELAY, Hub
 
@@ -64,6 +64,30 @@ async def test_i1_reset_when_missed_events_are_older_than_retention_seconds(make
         assert [e.id for e in (await hub.replay(["aged"], old[-1])).events] == [fresh]
     finally:
         await hub.close()
+
+
+async def test_i1_memory_broker_restart_resets_ids_from_before_it() -> None:
+    """An id from before a memory-broker restart (``ssehub serve`` restarted) is
+    one this hub never issued: a reset, never a replay of other events under it."""
+    from ssehub import conf
+
+    make = _config_factory("memory://")
+    before = Hub(make())
+    await before.start()
+    old = [await before.broker.publish("m", f"before {i}") for i in range(3)]
+    await before.close()
+    after = Hub(make())
+    await after.start()
+    try:
+        new = [await after.broker.publish("m", f"after {i}") for i in range(5)]
+        assert min(new) > max(old)
+        for stale in old:
+            replay = await after.replay(["m"], stale)
+            assert replay.reset and replay.head == new[-1], stale
+        assert not (await after.replay(["m"], 0)).reset  # "everything" still works
+    finally:
+        await after.close()
+        conf.reset()
 
 
 async def test_i1_reset_for_an_id_never_issued(hub: Hub) -> None:
