@@ -404,6 +404,43 @@ async def test_metrics_sum_across_workers(stack, client) -> None:  # type: ignor
         value(text, name)
 
 
+async def test_open_streams_gauge_sums_live_streams_across_workers(stack, client) -> None:  # type: ignore[no-untyped-def]
+    hub, nginx = stack
+
+    async def gauge() -> float:
+        text = (await client.get(f"{hub.url}/metrics")).text
+        match = re.search(r"^ssehub_open_streams (\S+)$", text, re.M)
+        assert match, text[:500]
+        return float(match.group(1))
+
+    async def settled() -> float:  # streams of earlier tests may still be closing
+        last = await gauge()
+        for _ in range(40):
+            await asyncio.sleep(0.25)
+            now = await gauge()
+            if now == last:
+                return now
+            last = now
+        raise AssertionError("ssehub_open_streams never settled")
+
+    before = await settled()
+    clients = [httpx.AsyncClient(timeout=10) for _ in range(6)]  # own connections: both workers
+    try:
+        streams = [await c.send(c.build_request("GET", f"{nginx.url}/events/?channel=public.g"),
+                                stream=True) for c in clients]
+        assert all(r.status_code == 200 for r in streams)
+        assert await gauge() == before + 6
+        for response in streams:
+            await response.aclose()
+    finally:
+        for c in clients:
+            await c.aclose()
+    deadline = time.monotonic() + 2  # F3: released within 2 s
+    while await gauge() != before and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await gauge() == before
+
+
 async def test_health_and_readiness(stack, client) -> None:  # type: ignore[no-untyped-def]
     _, nginx = stack
     assert (await client.get(f"{nginx.url}/healthz")).status_code == 200
