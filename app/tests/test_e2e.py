@@ -414,11 +414,12 @@ async def test_open_streams_gauge_sums_live_streams_across_workers(stack, client
         return float(match.group(1))
 
     async def settled() -> float:  # streams of earlier tests may still be closing
-        last = await gauge()
-        for _ in range(40):
+        last, steady = await gauge(), 0
+        for _ in range(60):
             await asyncio.sleep(0.25)
             now = await gauge()
-            if now == last:
+            steady = steady + 1 if now == last else 0
+            if steady >= 8:  # unchanged for 2 s
                 return now
             last = now
         raise AssertionError("ssehub_open_streams never settled")
