@@ -73,3 +73,17 @@ def test_live_events_the_replay_sent_are_not_sent_again() -> None:
     subscriber.push(Batch([events[7], events[8]]))
     sent = [e for item in subscriber.buf for e in getattr(item, "events", [item])]
     assert [getattr(e, "id", None) for e in sent] == [6, None, None, 7, 8]
+    # 6 passed on a one-channel stream: nothing older can follow, the check is off.
+    assert subscriber.floor == 0
+
+
+def test_the_floor_stays_on_streams_of_several_channels() -> None:
+    """Ids order events across channels, but each channel arrives in its own
+    order: after a newer id on one channel, an older one may still come on the
+    other."""
+    subscriber = Subscriber(("a", "b"), limit=100)
+    subscriber.floor = 5
+    for event in (Event("a", "new", None, 6), Event("b", "replayed", None, 4),
+                  Event("b", "new", None, 7)):
+        subscriber.push(event)
+    assert [e.id for e in subscriber.buf] == [6, 7] and subscriber.floor == 5

@@ -14,8 +14,11 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
-CHANNEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,62}$"
+_NAME_CHARS = "A-Za-z0-9._:@-"
+CHANNEL_PATTERN = rf"^[A-Za-z0-9][{_NAME_CHARS}]{{0,62}}$"
 _CHANNEL = re.compile(CHANNEL_PATTERN)
+# A pattern: channel characters and fnmatch's wildcards, no longer than a name.
+_PATTERN = re.compile(rf"[*?\[\]!{_NAME_CHARS}]{{1,63}}")  # "-" last: a literal
 
 
 class InvalidChannel(ValueError):
@@ -31,6 +34,14 @@ def validate(name: object) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def validate_pattern(pattern: str) -> str:
+    """Return ``pattern`` if it can match channel names, else raise InvalidChannel."""
+    if not _PATTERN.fullmatch(pattern):
+        raise InvalidChannel(f"{pattern!r} is not a channel pattern (channel characters "
+                             "and the wildcards * ? [ ])")
+    return pattern
 
 
 @lru_cache(maxsize=1024)

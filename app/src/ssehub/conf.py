@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,12 +82,9 @@ def _database_url(value: str) -> str:
 
 
 def _patterns(value: str) -> tuple[str, ...]:
-    patterns = _csv(value)
-    for pattern in patterns:
-        if not re.fullmatch(r"[A-Za-z0-9._:@*?\[\]!-]{1,63}", pattern):
-            raise ValueError(f"{pattern!r} is not a channel pattern (channel characters "
-                             "and the wildcards * ? [ ])")
-    return patterns
+    from .channels import validate_pattern  # InvalidChannel is a ValueError
+
+    return tuple(validate_pattern(pattern) for pattern in _csv(value))
 
 
 def _broker_url(value: str) -> str:

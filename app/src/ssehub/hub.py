@@ -98,7 +98,7 @@ class Subscriber:
     def push(self, item: Any) -> None:
         if self.closed:
             return
-        if self.floor and self._replayed(item):
+        if self.floor and self.replayed(item):
             return
         cycle = self.cycle
         if (cycle is not None and not self.buf and not self.sending
@@ -118,18 +118,31 @@ class Subscriber:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _replayed(self, item: Any) -> bool:
-        """True when the replay already sent ``item`` (a Batch: pushes what it did not)."""
+    def replayed(self, item: Any) -> bool:
+        """True when the replay already sent ``item`` (a Batch: pushes what it did not).
+
+        Brokers deliver each channel in id order, so once a newer id passes on a
+        one-channel stream nothing older can follow: the floor switches off, and
+        after a rolling deploy (every client replays) the fan-out is back to
+        the plain path.
+        """
         floor = self.floor
         events = getattr(item, "events", None)
         if events is None:
-            return item.id is not None and item.id <= floor
-        if all(e.id is None or e.id > floor for e in events):
+            if item.id is None:
+                return False
+            if item.id <= floor:
+                return True
+        elif any(e.id is not None and e.id <= floor for e in events):
+            for event in events:
+                if event.id is None or event.id > floor:
+                    self.push(event)
+            return True
+        elif item.id is None:
             return False
-        for event in events:
-            if event.id is None or event.id > floor:
-                self.push(event)
-        return True
+        if len(self.channels) == 1:
+            self.floor = 0
+        return False
 
     def wake(self) -> None:
         waiter = self.waiter

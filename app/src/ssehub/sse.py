@@ -54,7 +54,7 @@ def encode(data: str, event: str | None = None, event_id: int | str | None = Non
     head = ""
     if event_id is not None:
         head = f"id: {event_id}\n"
-        if _LINE_BREAK.search(head[:-1]):
+        if not isinstance(event_id, int) and _LINE_BREAK.search(event_id):
             raise ValueError(f"an SSE id must not contain CR or LF: {event_id!r}")
     if event:
         if _LINE_BREAK.search(event):

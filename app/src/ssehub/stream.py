@@ -29,7 +29,7 @@ from urllib.parse import parse_qs
 
 from . import channels, conf, sse, tokens
 from .brokers import BrokerUnavailable
-from .hub import Batch, Hub, Subscriber, ensure_hub
+from .hub import Hub, Subscriber, ensure_hub
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,11 @@ async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id:
     else:
         frames = [event.frame for event in replay.events]
         cursor = (replay.events[-1].id or after) if replay.events else after
-    # Live events the replay covers are dropped: those buffered now, and (floor)
-    # those the listener still delivers while the replay is being sent.
+    # Live events the replay covers are dropped (Subscriber.floor): those
+    # buffered now, and those the listener delivers while it is being sent.
     subscriber.floor = cursor or 0
-    pending: list[Any] = []
-    for item in subscriber.buf:
-        pending.extend(item.events if isinstance(item, Batch) else (item,))
-    subscriber.buf = [e for e in pending if e.id is None or e.id > subscriber.floor]
+    buffered, subscriber.buf = subscriber.buf, []
+    subscriber.buf.extend(item for item in buffered if not subscriber.replayed(item))
     # In writes of about REPLAY_WRITE_BYTES: each send waits for the client, so a
     # long replay never sits in memory twice (joined) or in the socket's buffer.
     start = size = 0
