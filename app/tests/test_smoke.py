@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SECRET, base_env
-from servers import TEMPLATES, Hub, Nginx, Redis, free_port, running
+from servers import TEMPLATES, Hub, Nginx, Redis, free_port, running, stop, wait_for
 
 from ssehub import tokens
 from ssehub.probe import probe
@@ -281,6 +281,35 @@ def test_hub_on_a_unix_socket_behind_nginx(redis_server: Redis, tmp_path: Path) 
             result = probe(nginx.url, TOKEN)
     assert result.ok, result.line()
     assert hub.socket is not None and not hub.socket.parent.exists()
+
+
+def test_serve_listens_on_every_bind_of_ssehub_bind(redis_server: Redis, tmp_path: Path) -> None:
+    """SSEHUB_BIND with a Unix socket and a loopback port (the single-host role:
+    the proxy on the socket, health checks and metrics on TCP): both answer."""
+    import httpx
+
+    socket_path = tmp_path / "hub.sock"
+    port = free_port()
+    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_DATA_DIR=str(tmp_path),
+                   SSEHUB_BIND=f"unix:{socket_path}, 127.0.0.1:{port}")
+    log = tmp_path / "hub.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "ssehub.cli", "serve", "--workers", "1"],
+                                  env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def answers(transport: httpx.HTTPTransport | None, url: str) -> bool:
+            try:
+                with httpx.Client(transport=transport) as client:
+                    return client.get(url, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        tcp = f"http://127.0.0.1:{port}/readyz"
+        wait_for(lambda: socket_path.exists() and answers(None, tcp), what=f"hub ({log})")
+        assert answers(httpx.HTTPTransport(uds=str(socket_path)), "http://127.0.0.1/readyz")
+        assert f"unix:{socket_path}, 127.0.0.1:{port}" in log.read_text()
+    finally:
+        stop(server, timeout=30)
 
 
 def test_serve_refuses_a_relative_unix_socket() -> None:

@@ -51,18 +51,25 @@ def _bind(value: str) -> tuple[str, int]:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     config = _config()
-    bind = args.bind or config.bind
+    binds = args.bind or [b.strip() for b in config.bind.split(",") if b.strip()]
+    if not binds:
+        sys.exit("ssehub: SSEHUB_BIND is empty: give HOST:PORT or unix:/path")
     try:
-        host, port = _bind(bind)
+        host, port = _bind(binds[0])
+        for extra in binds[1:]:
+            _bind(extra)
     except argparse.ArgumentTypeError as exc:
         sys.exit(f"ssehub: {exc}")
     if config.embedded:
+        if len(binds) > 1:
+            sys.exit("ssehub: the embedded mode listens on one HOST:PORT; several binds are "
+                     "for gunicorn (set SSEHUB_BROKER_URL)")
         if port == 0:
             sys.exit("ssehub: the embedded mode listens on HOST:PORT; a unix: bind is for "
                      "gunicorn behind a proxy on the same host (set SSEHUB_BROKER_URL)")
         _serve_embedded(config, host, port)
     else:
-        _serve_gunicorn(config, bind, args.workers)
+        _serve_gunicorn(config, binds, args.workers)
 
 
 def _serve_embedded(config: conf.Config, host: str, port: int) -> None:
@@ -85,7 +92,7 @@ Tokens are valid for 24 h; mint more with `ssehub token`. Stop with Ctrl-C.""", 
                 timeout_graceful_shutdown=int(config.drain_seconds) or 1)
 
 
-def _serve_gunicorn(config: conf.Config, bind: str, workers: int | None) -> None:
+def _serve_gunicorn(config: conf.Config, binds: list[str], workers: int | None) -> None:
     from gunicorn.app.base import BaseApplication
 
     metrics_dir = config.metrics_dir or tempfile.mkdtemp(prefix="ssehub-metrics-")
@@ -102,7 +109,7 @@ def _serve_gunicorn(config: conf.Config, bind: str, workers: int | None) -> None
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
     options = {
-        "bind": bind,
+        "bind": binds,
         "workers": count,
         "worker_class": "ssehub.worker.HubWorker",
         "keepalive": config.keepalive,
@@ -130,7 +137,8 @@ def _serve_gunicorn(config: conf.Config, bind: str, workers: int | None) -> None
 
             return application
 
-    print(f"ssehub: gunicorn with {count} uvicorn worker(s) on {bind}", flush=True)
+    print(f"ssehub: gunicorn with {count} uvicorn worker(s) on {', '.join(binds)}",
+          flush=True)
     HubApplication().run()
 
 
@@ -217,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the hub")
-    serve.add_argument("--bind", help="HOST:PORT or unix:/path (default SSEHUB_BIND, "
-                       "127.0.0.1:8000)")
+    serve.add_argument("--bind", action="append",
+                       help="HOST:PORT or unix:/path; repeat to listen on several (default "
+                       "SSEHUB_BIND, 127.0.0.1:8000)")
     serve.add_argument("--workers", type=int, help="gunicorn workers (default SSEHUB_WORKERS)")
     serve.set_defaults(func=cmd_serve)
 

@@ -145,7 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SSEHUB_STATIC_ROOT", None, "Where `ssehub collectstatic` writes static files.", str),
     Setting("SSEHUB_BIND", "127.0.0.1:8000",
             "Address `ssehub serve` listens on: HOST:PORT, or unix:/path for a proxy on the "
-            "same host (cheaper per event than loopback TCP).", str),
+            "same host (cheaper per event than loopback TCP); several, comma-separated, "
+            "under gunicorn.", str),
     Setting("SSEHUB_WORKERS", "0",
             "gunicorn worker processes; 0 means one per CPU core.", _non_negative_int),
     Setting("SSEHUB_KEEPALIVE", "75",
