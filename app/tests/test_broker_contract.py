@@ -102,6 +102,8 @@ async def test_idempotency_key_stores_once(hub: Hub) -> None:
     other = await hub.broker.publish("i", "pay", idempotency_key="order-8")
     assert first == again != other
     assert [e.id for e in (await hub.broker.replay(["i"], 0)).events] == [first, other]
+    # the repeat says so (ssehub_events_published_total counts only stored events)
+    assert [getattr(i, "repeat", False) for i in (first, again, other)] == [False, True, False]
 
 
 @pytest.mark.parametrize("data", [

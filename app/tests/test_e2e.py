@@ -397,8 +397,12 @@ async def test_metrics_sum_across_workers(stack, client) -> None:  # type: ignor
     for i in range(10):  # spread over both workers by separate connections
         async with httpx.AsyncClient() as fresh:
             await publish(fresh, nginx.url, "metrics.x", str(i))
+    # A publisher's retries with one Idempotency-Key store one event: counted once.
+    key = {"Idempotency-Key": f"metrics-{time.time()}"}
+    repeats = {await publish(client, nginx.url, "metrics.x", "once", **key) for _ in range(3)}
+    assert len(repeats) == 1
     text = (await client.get(f"{hub.url}/metrics")).text
-    assert value(text, "ssehub_events_published_total") - before == 10
+    assert value(text, "ssehub_events_published_total") - before == 11
     for name in ("ssehub_open_streams", "ssehub_events_delivered_total",
                  "ssehub_subscribers_dropped_total", "ssehub_broker_lag_seconds"):
         value(text, name)

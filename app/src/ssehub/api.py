@@ -55,8 +55,9 @@ async def apublish(channel: str, data: Any, event: str | None = None, *,
     item = prepare(channel, data, event, idempotency_key, max_bytes=config.max_event_bytes)
     broker = _broker_for_this_loop()
     event_id = await broker.publish(item.channel, item.data, item.event, item.idempotency_key)
-    metrics.PUBLISHED.inc()
-    return event_id
+    if not getattr(event_id, "repeat", False):
+        metrics.PUBLISHED.inc()
+    return int(event_id)
 
 
 def _background_loop() -> asyncio.AbstractEventLoop:

@@ -20,7 +20,8 @@ from prometheus_client import (
 )
 
 OPEN_STREAMS = Gauge("ssehub_open_streams", "Streams open now.", multiprocess_mode="livesum")
-PUBLISHED = Counter("ssehub_events_published", "Events stored through this hub.")
+PUBLISHED = Counter("ssehub_events_published",
+                    "Events stored through this hub (an idempotent repeat is not counted).")
 DELIVERED = Counter("ssehub_events_delivered",
                     "Events handed to subscribers (one per subscriber per event).")
 DROPPED = Counter("ssehub_subscribers_dropped",

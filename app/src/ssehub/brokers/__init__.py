@@ -40,6 +40,19 @@ class BrokerUnavailable(Exception):
     """The broker cannot store or read events right now (HTTP 503)."""
 
 
+class Published(int):
+    """The id ``Broker.publish`` returns; ``repeat`` is true when an Idempotency-Key
+    matched an earlier event, so nothing new was stored (metrics count only new ones)."""
+
+    repeat = False
+
+    @classmethod
+    def earlier(cls, event_id: int) -> Published:
+        known = cls(event_id)
+        known.repeat = True
+        return known
+
+
 @dataclass
 class Replay:
     events: list[Event] = field(default_factory=list)
@@ -68,7 +81,9 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, channel: str, data: str, event: str | None = None,
-                      idempotency_key: str | None = None) -> int: ...
+                      idempotency_key: str | None = None) -> int:
+        """Store one event; its id, or the earlier event's (``Published.earlier``)
+        when ``idempotency_key`` was seen within retention."""
 
     @abc.abstractmethod
     async def replay(self, channels: Sequence[str], after: int) -> Replay: ...

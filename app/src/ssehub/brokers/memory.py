@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from ..sse import Event
-from . import Broker, Replay
+from . import Broker, Published, Replay
 
 
 class MemoryBroker(Broker):
@@ -51,7 +51,7 @@ class MemoryBroker(Broker):
         if idempotency_key is not None:
             known = self._idempotency.get(idempotency_key)
             if known and known[1] > now:
-                return known[0]
+                return Published.earlier(known[0])
         self._head += 1
         item = Event(channel, data, event, self._head, now)
         stream = self._streams.setdefault(channel, deque())

@@ -33,7 +33,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from ..sse import Event
-from . import Broker, BrokerUnavailable, Replay
+from . import Broker, BrokerUnavailable, Published, Replay
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class PostgresBroker(Broker):
                         (idempotency_key, now))
                     known = await cur.fetchone()
                     if known:
-                        return int(known[0])
+                        return Published.earlier(int(known[0]))
                 cur = await conn.execute(
                     "INSERT INTO ssehub_event (channel, event, data, published_at) "
                     "VALUES (%s, %s, %s, %s) RETURNING id", (channel, event, data, now))

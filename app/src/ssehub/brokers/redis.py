@@ -35,7 +35,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from ..sse import Event
-from . import Broker, BrokerUnavailable, Replay
+from . import Broker, BrokerUnavailable, Published, Replay
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ MAX_BATCH = 256
 PUBLISH_SCRIPT = """
 if KEYS[3] then
   local known = redis.call('GET', KEYS[3])
-  if known then return tonumber(known) end
+  if known then return -tonumber(known) end  -- negative: an earlier event's id
 end
 local id = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], id .. '-0', 'e', ARGV[2], 'd', ARGV[3], 't', ARGV[4])
@@ -327,6 +327,8 @@ class RedisBroker(Broker):
                     continue
                 if isinstance(result, BaseException):
                     waiter.set_exception(BrokerUnavailable(f"redis: {result}"))
+                elif int(result) < 0:
+                    waiter.set_result(Published.earlier(-int(result)))
                 else:
                     waiter.set_result(int(result))
 
