@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -169,6 +170,65 @@ async def test_g4_postgres_connections_do_not_grow(pg_config, pg_server) -> None
         await asyncio.sleep(0.3)
         after = admin.execute(count_sql, (dbname,)).fetchone()[0]
         assert after == 0, f"{after} connections left after close"
+
+
+async def test_postgres_commit_out_of_id_order_is_not_skipped(pg_config, pg_server) -> None:  # type: ignore[no-untyped-def]
+    """Two workers publish at once; the one with the lower id commits last (a
+    trigger holds its transaction 0.5 s). The listener, which fetches ids above
+    the last it delivered, must still deliver both, in id order: the publish lock
+    makes a later id wait for the earlier commit."""
+    config = pg_config()
+    first, second = Hub(config), Hub(config)  # two workers, one database
+    await first.start()
+    await second.start()
+    try:
+        subscriber = await first.subscribe(["ooo"])
+        await first.broker.publish("ooo", "warm")  # the schema exists from here on
+        assert [e.data for e in await take(subscriber, 1)] == ["warm"]
+        with psycopg.connect(config.broker_url.replace("postgres://", "postgresql://"),
+                             autocommit=True) as admin:
+            admin.execute("CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$ BEGIN IF NEW.data = 'slow' THEN PERFORM pg_sleep(0.5); END IF; "
+                          "RETURN NEW; END $$")
+            admin.execute("CREATE TRIGGER slow_commit AFTER INSERT ON ssehub_event "
+                          "FOR EACH ROW EXECUTE FUNCTION slow_commit()")
+        slow = asyncio.create_task(first.broker.publish("ooo", "slow"))
+        await asyncio.sleep(0.15)  # the slow transaction holds its id (and the lock) now
+        fast_id = await second.broker.publish("ooo", "fast")
+        slow_id = await slow
+        assert slow_id < fast_id
+        got = await take(subscriber, 2)
+        assert [(e.id, e.data) for e in got] == [(slow_id, "slow"), (fast_id, "fast")]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_f3_postgres_unlistens_within_2s(pg_config, pg_server) -> None:  # type: ignore[no-untyped-def]
+    """F3 for LISTEN/NOTIFY: the listener's session runs UNLISTEN within 2 s of
+    the last subscriber leaving (seen in pg_stat_activity, from another session)."""
+    config = pg_config()
+    dbname = config.broker_url.rsplit("/", 1)[1]
+    hub = Hub(config)
+    await hub.start()
+    try:
+        subscriber = await hub.subscribe(["f3.pg"])
+        await hub.broker.publish("f3.pg", "x")
+        assert len(await take(subscriber, 1)) == 1
+        with psycopg.connect(pg_server.conninfo(), autocommit=True) as admin:
+            def sessions() -> list[str]:
+                rows = admin.execute("SELECT query FROM pg_stat_activity WHERE datname = %s",
+                                     (dbname,)).fetchall()
+                return [row[0] for row in rows]
+
+            assert 'UNLISTEN "f3.pg"' not in sessions()
+            left = time.monotonic()
+            hub.unsubscribe(subscriber)
+            while 'UNLISTEN "f3.pg"' not in sessions():
+                assert time.monotonic() - left < 2.0, f"no UNLISTEN within 2 s: {sessions()}"
+                await asyncio.sleep(0.05)
+    finally:
+        await hub.close()
 
 
 @pytest.mark.parametrize("kind", ["redis", "postgres"])
