@@ -46,11 +46,22 @@ def _frame(item: Any) -> bytes:
 
 
 async def _as_async(gen: Generator[Any, None, None]) -> AsyncIterator[Any]:
-    step = sync_to_async(lambda: next(gen, _DONE), thread_sensitive=False)
+    advance = sync_to_async(lambda: next(gen, _DONE), thread_sensitive=False)
+    step: asyncio.Future[Any] | None = None
     try:
-        while (item := await step()) is not _DONE:
+        while True:
+            # shielded: a cancelled stream (the client left) leaves the step running in
+            # its thread, and a generator cannot be closed while it executes
+            step = asyncio.ensure_future(advance())
+            item = await asyncio.shield(step)
+            if item is _DONE:
+                return
             yield item
     finally:
+        if step is not None and not step.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.wait([step])
+        # close() runs the generator's finally blocks (its cleanup) in a thread too
         await sync_to_async(gen.close, thread_sensitive=False)()
 
 

@@ -25,12 +25,12 @@ DEPLOYED = {
     "ssehub-http.conf": "/etc/nginx/conf.d/ssehub-http.conf",
     "ssehub-locations.conf": "/etc/nginx/snippets/ssehub-locations.conf",
 }
-STREAM, PUBLISH = "location = /events/", "location = /publish/"
+STREAM, PUBLISH = "location /events/", "location = /publish/"
 
 
 def directives(text):
     """Directives of each block of an nginx configuration, keyed by the block's
-    header ("main", "http", "location = /events/"; later blocks with the same
+    header ("main", "http", "location /events/"; later blocks with the same
     header add to it): {header: {name: [args, ...]}}."""
     text = re.sub(r"#[^\n]*", "", text)
     blocks, stack, statement = {"main": {}}, ["main"], ""

@@ -1,0 +1,52 @@
+"""A user's URLconf: the hub's routes and two ``@sse_stream`` views.
+
+Each view writes ``closed-<tag>`` into SERVED_MARKERS when its generator is
+closed, so the test can see a disconnect release the view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from django.http import HttpRequest
+from django.urls import path
+
+from ssehub import sse_stream
+from ssehub.urls import urlpatterns as hub_urlpatterns
+
+
+def _closed(request: HttpRequest) -> None:
+    Path(os.environ["SERVED_MARKERS"], f"closed-{request.GET['tag']}").touch()
+
+
+@sse_stream
+async def ticks(request: HttpRequest) -> AsyncIterator[Any]:
+    try:
+        for n in range(3):
+            yield "tick", {"n": n}
+            await asyncio.sleep(0.3)
+        while True:  # then quiet: the heartbeats keep the stream open
+            await asyncio.sleep(3600)
+    finally:
+        _closed(request)
+
+
+@sse_stream
+def sync_lines(request: HttpRequest) -> Iterator[Any]:
+    try:
+        for n in range(3):
+            yield f"line {n}"
+            time.sleep(0.2)
+        while True:
+            time.sleep(0.2)
+            yield {"event": "still", "data": "here"}
+    finally:
+        _closed(request)
+
+
+urlpatterns = [*hub_urlpatterns, path("events/ticks/", ticks), path("events/lines/", sync_lines)]

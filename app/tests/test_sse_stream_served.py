@@ -1,0 +1,91 @@
+"""``@sse_stream`` views of a user's own URLconf, served by ``ssehub serve``
+(gunicorn + uvicorn workers) behind the nginx snippets, read with httpx-sse.
+
+The views are mounted under ``/events/``, as the README says, so the snippets'
+stream location (a prefix) gives them its settings: this harness's nginx has
+``gzip_types text/event-stream`` in ``http``, as some ops' servers do, and under
+``location /`` the views came back gzipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import base_env
+from httpx_sse import aconnect_sse
+from servers import Hub, Nginx, Redis, running
+
+SERVED = Path(__file__).parent / "served"
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def served(redis_server: Redis,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nginx, Path]]:
+    directory = tmp_path_factory.mktemp("served")
+    markers = directory / "markers"
+    markers.mkdir()
+    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="served:",
+                   SSEHUB_DATA_DIR=str(directory), SSEHUB_HEARTBEAT="1",
+                   DJANGO_SETTINGS_MODULE="served_settings", SERVED_MARKERS=str(markers),
+                   PYTHONPATH=os.pathsep.join([str(SERVED), os.environ.get("PYTHONPATH", "")]))
+    with running(Hub(directory, env, workers=1)) as hub, \
+            running(Nginx(directory, [hub.port])) as nginx:
+        yield nginx, markers
+
+
+async def wait_for_marker(markers: Path, tag: str, within: float) -> float:
+    left = time.monotonic()
+    while not (markers / f"closed-{tag}").exists():
+        assert time.monotonic() - left < within, f"view {tag!r} not closed within {within} s"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - left
+
+
+async def test_async_view_streams_unbuffered_with_heartbeats_and_is_released(served) -> None:  # type: ignore[no-untyped-def]
+    nginx, markers = served
+    async with httpx.AsyncClient(timeout=10) as client:
+        started = time.monotonic()
+        async with client.stream("GET", f"{nginx.url}/events/ticks/?tag=async",
+                                 headers={"Accept-Encoding": "gzip"}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["cache-control"] == "no-cache"
+            for absent in ("content-length", "content-encoding"):
+                assert absent not in response.headers, response.headers
+            lines: list[tuple[float, str]] = []
+            async for line in response.aiter_lines():
+                lines.append((time.monotonic() - started, line))
+                if line.startswith(":") and any(text.startswith("data:") and '"n":2' in text
+                                                for _, text in lines):
+                    break  # a heartbeat after the last tick
+        ticks = [(at, text) for at, text in lines if text.startswith("data:")]
+        assert [json.loads(text[5:]) for _, text in ticks] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        # one by one as yielded (0.3 s apart), not held back until a buffer fills
+        assert ticks[0][0] < 0.5 and ticks[2][0] - ticks[0][0] > 0.45, lines
+        assert "event: tick" in [text for _, text in lines]
+        took = await wait_for_marker(markers, "async", within=2.0)  # F3: released within 2 s
+        assert took < 2.0
+
+
+async def test_sync_view_through_an_sse_client_library_and_is_released(served) -> None:  # type: ignore[no-untyped-def]
+    nginx, markers = served
+    got = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with aconnect_sse(client, "GET", f"{nginx.url}/events/lines/?tag=sync") as source:
+            assert source.response.status_code == 200
+            async for event in source.aiter_sse():
+                if event.data:
+                    got.append((event.event, event.data))
+                if len(got) == 4:
+                    break
+    assert got == [("message", "line 0"), ("message", "line 1"), ("message", "line 2"),
+                   ("still", "here")]
+    await wait_for_marker(markers, "sync", within=2.0)
