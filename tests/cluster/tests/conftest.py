@@ -142,6 +142,54 @@ def ports_of_unit(host: Any, unit: str) -> set[int]:
     return ports
 
 
+def unix_listeners(host: Any, unit: str) -> set[str]:
+    """Paths of the listening Unix sockets the processes of this systemd unit hold.
+
+    ss shows no cgroup for Unix sockets, so: the unit's processes by their
+    cgroup (/proc/PID/cgroup), the socket inodes in their /proc/PID/fd (read as
+    the process's own user: root lacks CAP_SYS_PTRACE in the containers), and
+    the paths `ss -Hxl` gives those inodes."""
+    script = (
+        f"for p in $(grep -l '/{unit}$' /proc/[0-9]*/cgroup 2>/dev/null | cut -d/ -f3); do "
+        'runuser -u "$(stat -c %U /proc/$p)" -- '
+        "find /proc/$p/fd -lname 'socket:*' -printf '%l\\n' 2>/dev/null; done; true"
+    )
+    inodes = set(re.findall(r"socket:\[(\d+)\]", host.check_output(script)))
+    assert inodes, f"no socket of {unit}"
+    found = set()
+    for line in host.check_output("ss -Hxl").splitlines():
+        fields = line.split()  # u_str LISTEN 0 5 /path INODE * 0
+        if len(fields) >= 6 and fields[5] in inodes:
+            found.add(fields[4])
+    return found
+
+
+def variable(host: Any, name: str) -> Any:
+    """A deploy variable as Ansible renders it for this host (the inventory's
+    templates evaluated for it), or the role default the inventory leaves."""
+    value = host.ansible("debug", f"var={name}").get(name)
+    if value is None or (isinstance(value, str) and value.startswith("VARIABLE IS NOT DEFINED")):
+        return setting(name)
+    return value
+
+
+def hostname(host: Any) -> str:
+    """The host's inventory name."""
+    return str(host.backend.host)
+
+
+def upstreams(proxy: Any, unix_prefix: str, port: int) -> list[str]:
+    """Where a proxy should reach each app host: its own host's hub over the
+    Unix socket when that hub has one (ssehub_unix_socket), the others over TCP
+    at their private address."""
+    found = []
+    for app in hosts_in("app"):
+        socket = variable(proxy, "ssehub_unix_socket") if app == hostname(proxy) else ""
+        tcp = f"{private_address(get_host(app))}:{port}"
+        found.append(f"{unix_prefix}{socket}" if socket else tcp)
+    return sorted(found)
+
+
 def is_loopback(address: str) -> bool:
     return address not in WILDCARD and ipaddress.ip_address(address).is_loopback
 

@@ -13,6 +13,7 @@ from conftest import (
     ports_of_unit,
     seconds,
     setting,
+    upstreams,
 )
 
 testinfra_hosts = ["proxy"]
@@ -73,6 +74,18 @@ def test_running_proxies_check_upstream_health_on_readyz(running):
     active = [p.get("health_checks", {}).get("active", {}) for p in proxies]
     assert sorted(a.get("uri", a.get("path")) for a in active) == sorted(wanted)
     assert all(json_seconds(a.get("interval", 0)) > 0 for a in active)
+
+
+def test_running_proxies_reach_each_app_host_where_the_inventory_says(host, running):
+    """Both routes go to every app host: the hub on Caddy's own host over its
+    Unix socket (unix//path) when it has one, the others over TCP. Caddy's
+    active health checks dial the same addresses (a failing /readyz would
+    take the upstream out, and the end-to-end tests would get 503s)."""
+    wanted = upstreams(host, "unix/", int(setting("caddy_upstream_port")))
+    proxies = list(handlers(running, "reverse_proxy"))
+    assert proxies
+    for proxy in proxies:
+        assert sorted(u["dial"] for u in proxy["upstreams"]) == wanted
 
 
 def test_caddyfile_validates(host):

@@ -7,11 +7,13 @@ import pytest
 from conftest import (
     ROOT,
     WILDCARD,
+    hosts_in,
     listen_addresses,
     nofile_expected,
     ports_of_unit,
     seconds,
     setting,
+    upstreams,
 )
 
 testinfra_hosts = ["proxy"]
@@ -124,10 +126,13 @@ def test_running_stream_location_suits_long_lived_streams(running):
     assert running["/etc/nginx/nginx.conf"]["main"]["worker_shutdown_timeout"] == [shutdown]
 
 
-def test_upstream_lists_every_app_host(host):
-    conf = host.check_output("cat /etc/nginx/conf.d/ssehub-upstream.conf")
-    servers = [line for line in conf.splitlines() if line.strip().startswith("server ")]
-    assert len(servers) == len(host.ansible.get_variables()["groups"]["app"])
+def test_upstream_lists_every_app_host(host, running):
+    """One server per app host: the hub on nginx's own host over its Unix
+    socket (unix:/path) when it has one, the others over TCP."""
+    servers = running["/etc/nginx/conf.d/ssehub-upstream.conf"]["upstream ssehub"]["server"]
+    assert len(servers) == len(hosts_in("app"))
+    wanted = upstreams(host, "unix:", int(setting("nginx_upstream_port")))
+    assert sorted(server.split()[0] for server in servers) == wanted
 
 
 def test_running_workers_have_the_nofile_limit(host):

@@ -1,8 +1,22 @@
 """ssehub role on app hosts: service, hardening, env file, health."""
 
 import json
+import posixpath
+import time
 
-from conftest import listen_addresses, nofile_expected, ports_of_unit, setting
+import pytest
+from conftest import (
+    SCENARIO,
+    hostname,
+    hosts_in,
+    listen_addresses,
+    new_channel,
+    nofile_expected,
+    ports_of_unit,
+    setting,
+    unix_listeners,
+    variable,
+)
 
 testinfra_hosts = ["app"]
 
@@ -50,10 +64,92 @@ def test_service_runs_as_its_own_user_with_no_new_privileges(host):
     assert "NoNewPrivileges=yes" in props and "ProtectSystem=strict" in props
 
 
+# Where each layout puts the hub: the single host serves its own proxy over a
+# Unix socket and keeps TCP on loopback; in the cluster the proxy is another
+# host and reaches the hub over TCP on every address.
+LAYOUT = {
+    "single-host-caddy": {"socket": True, "bind": "127.0.0.1"},
+    "cluster": {"socket": False, "bind": "0.0.0.0"},
+}
+
+
+@pytest.fixture
+def socket_path(host):
+    path = variable(host, "ssehub_unix_socket")
+    if not path:
+        pytest.skip("this hub has no Unix socket (its proxy is on another host)")
+    return path
+
+
+def proxy_identity(host):
+    """User and group of the proxy's processes on this host (nginx workers, or Caddy)."""
+    if host.exists("caddy"):
+        pid = host.check_output("systemctl show caddy --property MainPID --value")
+    else:
+        pid = host.check_output("pgrep -f 'nginx: worker process' | head -1")
+    return host.check_output(f"stat -c '%U %G' /proc/{pid}").split()
+
+
+def test_hub_uses_a_unix_socket_only_where_the_proxy_shares_its_host(host):
+    """ssehub_unix_socket is on for an app host that is a proxy host too; TCP
+    is on loopback only when this host is the only proxy, else on every address."""
+    socket, bind = variable(host, "ssehub_unix_socket"), variable(host, "ssehub_bind_address")
+    assert bool(socket) == (hostname(host) in hosts_in("proxy"))
+    assert (bind == "127.0.0.1") == (hosts_in("proxy") == [hostname(host)])
+    if SCENARIO in LAYOUT:
+        assert bool(socket) == LAYOUT[SCENARIO]["socket"] and bind == LAYOUT[SCENARIO]["bind"]
+
 
 def test_ssehub_listens_only_on_its_app_port(host):
     """gunicorn binds ssehub_bind_address:ssehub_port (the firewall admits only
-    the proxies there) and opens no other TCP port (/metrics goes through it)."""
+    the proxies there; loopback only on a single host) and opens no other TCP
+    port (/metrics goes through it); and the Unix socket when it has one."""
     port = int(setting("ssehub_port"))
-    assert listen_addresses(host, port) == {setting("ssehub_bind_address")}
+    assert listen_addresses(host, port) == {variable(host, "ssehub_bind_address")}
     assert ports_of_unit(host, "ssehub.service") == {port}
+    socket = variable(host, "ssehub_unix_socket")
+    assert unix_listeners(host, "ssehub.service") == ({socket} if socket else set())
+
+
+def test_unix_socket_is_open_to_the_proxy_group_only(host, socket_path):
+    """The socket's folder is the gate: the service's, the proxy's group, mode
+    2750, nobody else may enter (gunicorn makes the socket 0777 and gives it
+    the service's group). The proxy's user reaches the hub through it and
+    still cannot read the hub's secrets; another user cannot reach it."""
+    user, group = proxy_identity(host)
+    folder = host.file(posixpath.dirname(socket_path))
+    assert (folder.user, folder.group, folder.mode) == (setting("ssehub_user"), group, 0o2750)
+    sock = host.file(socket_path)
+    assert sock.is_socket and sock.user == setting("ssehub_user")
+    readyz = f"curl -fsS -m 5 --unix-socket {socket_path} http://localhost/readyz"
+    assert json.loads(host.check_output(f"runuser -u {user} -- {readyz}"))["status"] == "ready"
+    assert host.run(f"runuser -u nobody -- {readyz}").rc != 0
+    assert host.run(f"runuser -u {user} -- cat /etc/ssehub/ssehub.env").rc != 0
+
+
+def test_tmpfiles_entry_makes_the_socket_folder_again(host, socket_path):
+    """/run is empty after a reboot: systemd-tmpfiles' entry makes the folder
+    again as the role made it (here: put right after it was spoiled)."""
+    folder = posixpath.dirname(socket_path)
+    host.check_output(f"chmod 0755 {folder} && chgrp root {folder}")
+    host.check_output("systemd-tmpfiles --create /etc/tmpfiles.d/ssehub-socket.conf")
+    _, group = proxy_identity(host)
+    f = host.file(folder)
+    assert (f.user, f.group, f.mode) == (setting("ssehub_user"), group, 0o2750)
+    assert host.file(socket_path).is_socket
+
+
+def test_streams_through_the_proxy_reach_the_hub_over_the_unix_socket(
+    host, socket_path, stream_factory
+):
+    """Each stream through the proxy holds one connection to the hub: on the
+    Unix socket, not on TCP."""
+    port = int(setting("ssehub_port"))
+    for _ in range(3):
+        stream_factory(new_channel("public"))
+    time.sleep(0.5)
+    unix = [line for line in host.check_output("ss -Hx state established").splitlines()
+            if f" {socket_path} " in f" {line} "]
+    tcp = host.check_output(f"ss -Htn state established '( sport = :{port} )'").splitlines()
+    assert len(unix) >= 3, unix
+    assert len(tcp) == 0, tcp
