@@ -5,12 +5,17 @@
   values and types; a Jinja default is typed at run time and the spec leaves
   it out; each description starts like the comment above the variable;
 - every default has a comment above it (defaults/main.yml is the role's API);
-- every public variable starts with the role's name.
+- every public variable starts with the role's name;
+- where the proxies reach the hubs, single host (Unix socket) and apart (TCP).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +137,73 @@ def test_production_example_marks_what_users_must_set(name: str) -> None:
                     j -= 1
                 assert any("MUST SET" in text for text in lines[j : i + 1]), f"{path}:{i + 1}"
     assert found, f"{name} is not in production.example"
+
+
+# Where each layout's proxy reaches the hubs, from the inventory's group_vars
+# and the roles' defaults as Ansible renders them (no containers: nginx on a
+# single host is in no molecule scenario).
+LAYOUTS = {
+    "single-host": {"sse1": ["proxy", "app", "redis", "postgres"]},
+    "proxy-apart": {"proxy1": ["proxy"], "app1": ["app"], "app2": ["app"]},
+}
+SOCKET = "/run/ssehub-socket/ssehub.sock"
+
+
+def _render_layout(tmp_path: Path, hosts: dict[str, list[str]]) -> dict[str, dict]:
+    groups: dict[str, dict] = {}
+    for n, (name, member_of) in enumerate(sorted(hosts.items())):
+        for group in member_of:
+            groups.setdefault(group, {"hosts": {}})["hosts"][name] = {
+                "address": f"10.0.0.{n + 10}"}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": groups}}))
+    (tmp_path / "ansible.cfg").write_text("[defaults]\n")
+    names = ["ssehub_unix_socket", "ssehub_bind_address", "__ssehub_binds",
+             "nginx_upstream_servers", "caddy_upstream_servers"]
+    # Later files win here: the roles' defaults, then the inventory over them.
+    var_files = [str(ROOT / "roles" / role / kind / "main.yml")
+                 for role in ("ssehub", "nginx", "caddy") for kind in ("defaults", "vars")
+                 if (ROOT / "roles" / role / kind / "main.yml").exists()]
+    var_files.append(str(ROOT / "inventories/single-host/group_vars/all/main.yml"))
+    out = tmp_path / "out"
+    content = "{{ {" + ", ".join(f"'{n}': {n}" for n in names) + "} | to_json }}"
+    playbook = [{"hosts": "all", "connection": "local", "gather_facts": False,
+                 "vars": {"ansible_python_interpreter": sys.executable},
+                 "tasks": [
+                     {"name": "Load the inventory's and the roles' variables",
+                      "ansible.builtin.include_vars": "{{ item }}", "loop": var_files},
+                     {"name": "Give each host its address (the inventory's needs facts)",
+                      "ansible.builtin.set_fact": {"ssekit_private_address": "{{ address }}"}},
+                     {"name": "Write what the roles would use",
+                      "ansible.builtin.copy": {
+                          "dest": f"{out}-{{{{ inventory_hostname }}}}.json", "mode": "0644",
+                          "content": content},
+                      }]}]
+    (tmp_path / "render.yml").write_text(yaml.safe_dump(playbook))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(tmp_path / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
+    run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
+                          str(tmp_path / "hosts.yml"), str(tmp_path / "render.yml")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    return {name: json.loads(Path(f"{out}-{name}.json").read_text()) for name in hosts}
+
+
+def test_single_host_proxy_reaches_its_hub_over_the_unix_socket(tmp_path: Path) -> None:
+    """Proxy and hub on one host: the hub binds the socket and TCP on
+    loopback; nginx and Caddy name the socket, nothing else."""
+    sse1 = _render_layout(tmp_path, LAYOUTS["single-host"])["sse1"]
+    assert sse1["ssehub_unix_socket"] == SOCKET
+    assert sse1["__ssehub_binds"] == [f"unix:{SOCKET}", "127.0.0.1:8000"]
+    assert sse1["nginx_upstream_servers"] == [f"unix:{SOCKET}"]
+    assert sse1["caddy_upstream_servers"] == [f"unix/{SOCKET}"]
+
+
+def test_proxy_on_its_own_host_reaches_every_hub_over_tcp(tmp_path: Path) -> None:
+    """The cluster and Vagrant layouts (which read the same group_vars): TCP
+    on every address, no socket, the proxy to each app host's address."""
+    rendered = _render_layout(tmp_path, LAYOUTS["proxy-apart"])
+    for app in ("app1", "app2"):
+        assert rendered[app]["ssehub_unix_socket"] == ""
+        assert rendered[app]["__ssehub_binds"] == ["0.0.0.0:8000"]
+    wanted = ["10.0.0.10:8000", "10.0.0.11:8000"]  # app1, app2: first in name order
+    assert sorted(rendered["proxy1"]["nginx_upstream_servers"]) == wanted
+    assert sorted(rendered["proxy1"]["caddy_upstream_servers"]) == wanted
