@@ -1,12 +1,16 @@
 """templates/caddy/Caddyfile.ssehub as an operator includes it: Caddy accepts it, and
 what Caddy makes of it keeps the stream route unbuffered and uncompressed (C1-C4).
 
-Debian's Caddy (2.6.2) flushes text/event-stream responses by itself, and with an
-`encode zstd gzip` added to the stream route it still answered the stream without
-Content-Encoding when tried: the stream tests through Caddy (test_e2e.py,
-parametrised over the proxy) pass without the snippet's `flush_interval -1` and
-with such an `encode`. The snippet must not rely on either, so these tests read
-the configuration Caddy adapts from it.
+Debian's Caddy (2.6.2) flushes text/event-stream responses by itself (the stream
+tests through Caddy in test_e2e.py, parametrised over the proxy, prove each event
+arrives at once), and with an `encode zstd gzip` added to the stream route it
+still answered the stream without Content-Encoding when tried. The snippet must
+not rely on the latter, so these tests read the configuration Caddy adapts.
+
+No explicit `flush_interval -1`: with it Caddy ignores the client leaving
+(caddyserver/caddy#4952) and holds the hub's stream until a heartbeat write
+fails; `test_open_streams_gauge_sums_live_streams_across_workers[caddy]` failed
+with it (6 streams still open 2 s after their clients closed).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def test_the_stream_route_flushes_at_once_and_is_never_encoded(tmp_path: Path) -
 
     stream_handlers = handlers(stream[0])
     proxies = [h for h in stream_handlers if h["handler"] == "reverse_proxy"]
-    assert [h.get("flush_interval") for h in proxies] == [-1]
+    assert [h.get("flush_interval") for h in proxies] == [None]
     assert [u["dial"] for u in proxies[0]["upstreams"]] == ["127.0.0.1:8001", "127.0.0.1:8002"]
     # A read timeout far above the hub's heartbeat (15 s by default), in nanoseconds.
     assert proxies[0]["transport"]["read_timeout"] >= 3600 * 10**9

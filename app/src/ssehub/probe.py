@@ -198,8 +198,8 @@ def probe(url: str, token: str, *, channel: str | None = None, timeout: float = 
                            sock):
             raise HopFailed("buffering", f"headers arrived but no bytes within "
                                          f"{FIRST_BYTES_SECONDS:.0f} s: the proxy buffers the "
-                                         "stream (nginx: proxy_buffering off; Caddy: "
-                                         "flush_interval -1)")
+                                         "stream (nginx: proxy_buffering off; Caddy flushes "
+                                         "text/event-stream unless a CDN or filter sits between)")
         sent = time.monotonic()
         event_id = _publish(parts, base, publish_token or token, channel, marker, timeout,
                             insecure, target)
