@@ -11,6 +11,7 @@ with a bare asyncio protocol, so the generator costs little per event.
 
     python tests/bench/run.py                 # every scenario
     python tests/bench/run.py fanout-1000 idle --idle-streams 5000
+    python tests/bench/run.py fanout-1000 --tcp   # nginx to the hub over TCP
 """
 
 from __future__ import annotations
@@ -312,9 +313,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--direct", action="store_true",
                         help="streams and publishes straight to the hub, not through nginx")
-    parser.add_argument("--unix-socket", action="store_true",
-                        help="nginx reaches the hub over a Unix socket (proxy and app on one "
-                             "host) instead of loopback TCP")
+    parser.add_argument("--tcp", action="store_true",
+                        help="nginx reaches the hub over loopback TCP (the hop to a proxy on "
+                             "another host, as in the cluster layout) instead of the Unix "
+                             "socket the single-host layout deploys")
     # 19,000 rather than 20,000: these machines cap open files at 20,000 per process
     # (hard limit, not raisable here), and the hub worker holds one socket per stream.
     parser.add_argument("--idle-streams", type=int, default=19000)
@@ -335,9 +337,10 @@ def main() -> None:
     env = {"SSEHUB_BROKER_URL": redis.url, "SSEHUB_TOKEN_SECRET": SECRET,
            "SSEHUB_SECRET_KEY": secrets.token_urlsafe(48), "SSEHUB_DATA_DIR": str(directory),
            "SSEHUB_RETENTION_EVENTS": "100000"}
-    if args.direct and args.unix_socket:
-        sys.exit("--direct and --unix-socket: the load generator speaks TCP only")
-    hub = Hub(directory, env, workers=1, unix_socket=args.unix_socket)
+    # The hub, nginx and Redis on one core is the single-host layout, whose proxy
+    # reaches the hub over a Unix socket (roles: ssehub_unix_socket); --direct and
+    # --tcp put the hub on loopback TCP.
+    hub = Hub(directory, env, workers=1, unix_socket=not (args.direct or args.tcp))
     nginx = bench_nginx(directory / "nginx", hub.bind, workers=1)
     try:
         redis.start()
