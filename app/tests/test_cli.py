@@ -21,12 +21,13 @@ def clean_env(home: Path) -> dict[str, str]:
 
 def test_serve_with_no_configuration_then_publish_and_listen(tmp_path: Path) -> None:
     env = clean_env(tmp_path)
+    serve_env = {**env, "SSEHUB_HEARTBEAT": "1"}  # heartbeats while the listener waits
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         server = subprocess.Popen([sys.executable, "-m", "ssehub.cli", "serve", "--bind",
-                                   f"127.0.0.1:{port}"], env=env, stdout=out,
+                                   f"127.0.0.1:{port}"], env=serve_env, stdout=out,
                                   stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
@@ -45,14 +46,25 @@ def test_serve_with_no_configuration_then_publish_and_listen(tmp_path: Path) -> 
         assert published.isdigit()
         assert listener.stdout is not None
         line = listener.stdout.readline()
+        assert f'"id": "{published}"' in line and '"data": "hello\\nworld"' in line
+        time.sleep(2.5)  # two heartbeats: not printed as events (httpx-sse dispatches them)
+        second = subprocess.run(
+            [sys.executable, "-m", "ssehub.cli", "publish", "demo", "again", "--event", "greet",
+             "--url", url], env=env, capture_output=True, text=True, check=True).stdout.strip()
+        line = listener.stdout.readline()
         listener.terminate()
         listener.wait(5)
         listener.stdout.close()
-        assert f'"id": "{published}"' in line and '"data": "hello\\nworld"' in line
+        assert line.strip() == f'{{"id": "{second}", "event": "greet", "data": "again"}}', line
         token = subprocess.run([sys.executable, "-m", "ssehub.cli", "token", "--publish", "x.*",
-                                "--ttl", "60"], env=env, capture_output=True, text=True,
-                               check=True).stdout.strip()
+                                "--subscribe", "y.*", "--ttl", "60"], env=env,
+                               capture_output=True, text=True, check=True).stdout.strip()
         assert re.fullmatch(r"[\w-]+\.[\w-]+\.[\w-]+", token)
+        import base64
+        import json
+        claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        assert claims["ssehub"] == {"publish": ["x.*"], "subscribe": ["y.*"]}
+        assert 55 <= claims["exp"] - time.time() <= 60
     finally:
         stop(server)
 

@@ -346,6 +346,9 @@ async def test_publish_errors(stack, client) -> None:  # type: ignore[no-untyped
         (good, {"content": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}, 400),
         (good, {"content": b"raw", "headers": {"Content-Type": "text/plain"}}, 415),
         (good, {"json": {"channel": "pub.x", "data": "x" * 65537}}, 413),
+        # PostgreSQL's text cannot hold NUL: a reason, never 503 "retry later"
+        (good, {"json": {"channel": "pub.x", "data": "a\u0000b"}}, 400),
+        (good, {"json": {"channel": "pub.x", "event": "a\u0000b", "data": "d"}}, 400),
     ]
     for headers, kwargs, status in cases:
         extra = kwargs.pop("headers", {})
@@ -354,6 +357,11 @@ async def test_publish_errors(stack, client) -> None:  # type: ignore[no-untyped
         assert response.json()["error"]
     form = await client.post(url, headers=good, data={"channel": "pub.form", "data": "curl -d"})
     assert form.status_code == 201 and form.json()["id"].isdigit()
+    # any JSON value, null included; an empty event name (`curl -d event=`) is no name
+    null = await client.post(url, headers=good, json={"channel": "pub.x", "data": None})
+    unnamed = await client.post(url, headers=good,
+                                data={"channel": "pub.x", "event": "", "data": "d"})
+    assert (null.status_code, unnamed.status_code) == (201, 201), (null.text, unnamed.text)
 
 
 async def test_publish_idempotency_key(stack, client) -> None:  # type: ignore[no-untyped-def]

@@ -182,9 +182,14 @@ def cmd_listen(args: argparse.Namespace) -> None:
                 source.response.read()
                 sys.exit(f"ssehub listen: HTTP {source.response.status_code}: "
                          f"{source.response.text}")
+            last_id = None
             for event in source.iter_sse():
-                if not event.id and not event.data:
-                    continue  # the retry: preamble, which some parsers dispatch
+                # httpx-sse dispatches at every blank line and keeps the last id, so the
+                # retry: preamble and each heartbeat comment look like empty events:
+                # every real event has data or a new id (browsers dispatch neither).
+                if not event.data and (not event.id or event.id == last_id):
+                    continue
+                last_id = event.id
                 print(json.dumps({"id": event.id, "event": event.event, "data": event.data},
                                  ensure_ascii=False), flush=True)
     except httpx.HTTPError as exc:

@@ -22,7 +22,7 @@ from . import channels, conf, tokens
 from .api import apublish
 from .brokers import BrokerUnavailable
 from .hub import ensure_hub
-from .publishing import PublishError
+from .publishing import MISSING, PublishError
 from .stream import Receive, Refusal, Scope, Send, bearer_token, send_json
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ async def publish_app(scope: Scope, receive: Receive, send: Send) -> None:
         if not grant.may_publish(channel):
             raise Refusal(403, f"token does not allow publishing to {channel}")
         await ensure_hub()
-        event_id = await apublish(channel, body.get("data"), body.get("event"),
+        event_id = await apublish(channel, body.get("data", MISSING), body.get("event"),
                                   idempotency_key=headers.get("idempotency-key"))
     except Refusal as refusal:
         await send_json(send, refusal.status, {"error": refusal.reason}, refusal.headers)

@@ -9,6 +9,7 @@ from typing import Any
 from . import channels
 
 MAX_EVENT_NAME = 64
+MISSING: Any = object()  # no "data" field at all (JSON null is a value: data "null")
 MAX_IDEMPOTENCY_KEY = 200
 
 
@@ -35,14 +36,18 @@ def prepare(channel: Any, data: Any, event: Any = None, idempotency_key: Any = N
         channels.validate(channel)
     except channels.InvalidChannel as exc:
         raise PublishError(str(exc)) from None
+    if event == "":
+        event = None  # `curl -d event=`: no name, so clients see the default "message"
     if event is not None:
-        if not isinstance(event, str) or not event or len(event) > MAX_EVENT_NAME:
+        if not isinstance(event, str) or len(event) > MAX_EVENT_NAME:
             raise PublishError(f"event must be a string of 1-{MAX_EVENT_NAME} characters")
         if "\r" in event or "\n" in event:
             raise PublishError("event must not contain CR or LF")
-    if data is None:
+        if "\0" in event:
+            raise PublishError("event must not contain NUL (U+0000)")
+    if data is MISSING:
         raise PublishError("data is required (a string or any JSON value)")
-    if not isinstance(data, str):
+    if not isinstance(data, str):  # JSON null included: data "null"
         try:
             data = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -51,6 +56,10 @@ def prepare(channel: Any, data: Any, event: Any = None, idempotency_key: Any = N
         size = len(data.encode())
     except UnicodeEncodeError:
         raise PublishError("data is not valid Unicode (lone surrogate)") from None
+    if "\0" in data:
+        # PostgreSQL's text cannot hold it; refused on every broker alike, so moving
+        # to another broker never changes what publishers may send.
+        raise PublishError("data must not contain NUL (U+0000)")
     if size > max_bytes:
         raise PublishError(f"data is {size} bytes, above SSEHUB_MAX_EVENT_BYTES={max_bytes}", 413)
     if idempotency_key is not None:
