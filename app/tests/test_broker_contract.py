@@ -120,12 +120,23 @@ async def test_h1_h2_payloads_round_trip(hub: Hub, data: str) -> None:
 
 
 async def test_many_subscribers_share_one_listener(hub: Hub) -> None:
+    from prometheus_client import REGISTRY
+
+    def delivered() -> float:
+        return REGISTRY.get_sample_value("ssehub_events_delivered_total") or 0.0
+
     subscribers = [await hub.subscribe(["fan"]) for _ in range(200)]
+    covered = await hub.subscribe(["fan"])
+    covered.floor = 2**62  # as if its replay had already sent everything
+    before = delivered()
     event_id = await hub.broker.publish("fan", "all")
-    for subscriber in subscribers:
-        assert [e.id for e in await take(subscriber, 1)] == [event_id]
+    got = [(await take(subscriber, 1))[0] for subscriber in subscribers]
+    assert [e.id for e in got] == [event_id] * 200
     # the same frame object, encoded once, reaches every subscriber
-    for subscriber in subscribers:
+    assert len({id(e.frame) for e in got}) == 1 and len({id(e.chunk) for e in got}) == 1
+    # counted once per subscriber that took it: not the one the replay covered
+    assert delivered() - before == 200 and covered.buf == []
+    for subscriber in [*subscribers, covered]:
         hub.unsubscribe(subscriber)
 
 

@@ -95,28 +95,31 @@ class Subscriber:
         # still deliver some of them live (it lags behind the replay's read).
         self.floor = 0
 
-    def push(self, item: Any) -> None:
+    def push(self, item: Any) -> bool:
+        """Write or queue ``item``; False when this subscriber does not take it
+        (closed, dropped as slow now, or the replay already sent it)."""
         if self.closed:
-            return
+            return False
         if self.floor and self.replayed(item):
-            return
+            return False
         cycle = self.cycle
         if (cycle is not None and not self.buf and not self.sending
                 and not cycle.flow.write_paused and not cycle.disconnected):
             # The hot path: the frame built once goes straight to the socket; no task
             # switch per subscriber per event. Anything else queues for the task.
             cycle.transport.write(item.chunk if self.chunked else item.frame)
-            return
+            return True
         buf = self.buf
         if len(buf) >= self.limit:
             self.drop()
-            return
+            return False
         buf.append(item)
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        return True
 
     def replayed(self, item: Any) -> bool:
         """True when the replay already sent ``item`` (a Batch: pushes what it did not).
@@ -225,9 +228,11 @@ class Hub:
         if len(events) == 1:
             subscribers = self._by_channel.get(newest.channel)
             if subscribers:
+                taken = 0
                 for subscriber in subscribers:
-                    subscriber.push(newest)
-                metrics.DELIVERED.inc(len(subscribers))
+                    if subscriber.push(newest):
+                        taken += 1
+                metrics.DELIVERED.inc(taken)
             return
         by_channel: dict[str, list[Event]] = {}
         for event in events:
@@ -240,16 +245,15 @@ class Hub:
                 continue
             item = group[0] if len(group) == 1 else Batch(group)
             for subscriber in subscribers:
-                if len(subscriber.channels) == 1:
-                    subscriber.push(item)
-                else:
+                if len(subscriber.channels) > 1:
                     mixed.add(subscriber)
-            delivered += len(subscribers) * len(group)
+                elif subscriber.push(item):
+                    delivered += len(group)  # (a Batch the floor cut counts whole)
         # Streams of several channels get the burst event by event, in id order.
         for event in events if mixed else ():
             for subscriber in mixed:
-                if event.channel in subscriber.channels:
-                    subscriber.push(event)
+                if event.channel in subscriber.channels and subscriber.push(event):
+                    delivered += 1
         metrics.DELIVERED.inc(delivered)
 
     async def _beat(self) -> None:
