@@ -28,17 +28,18 @@ pytestmark = pytest.mark.asyncio
 
 @pytest.fixture(scope="module")
 def served(redis_server: Redis,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nginx, Path]]:
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nginx, Path, Hub]]:
     directory = tmp_path_factory.mktemp("served")
     markers = directory / "markers"
     markers.mkdir()
     env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="served:",
                    SSEHUB_DATA_DIR=str(directory), SSEHUB_HEARTBEAT="1",
                    DJANGO_SETTINGS_MODULE="served_settings", SERVED_MARKERS=str(markers),
+                   PYTHONASYNCIODEBUG="1",
                    PYTHONPATH=os.pathsep.join([str(SERVED), os.environ.get("PYTHONPATH", "")]))
     with running(Hub(directory, env, workers=1)) as hub, \
             running(Nginx(directory, [hub.port])) as nginx:
-        yield nginx, markers
+        yield nginx, markers, hub
 
 
 async def wait_for_marker(markers: Path, tag: str, within: float) -> float:
@@ -50,7 +51,7 @@ async def wait_for_marker(markers: Path, tag: str, within: float) -> float:
 
 
 async def test_async_view_streams_unbuffered_with_heartbeats_and_is_released(served) -> None:  # type: ignore[no-untyped-def]
-    nginx, markers = served
+    nginx, markers, _ = served
     async with httpx.AsyncClient(timeout=10) as client:
         started = time.monotonic()
         async with client.stream("GET", f"{nginx.url}/events/ticks/?tag=async",
@@ -76,7 +77,7 @@ async def test_async_view_streams_unbuffered_with_heartbeats_and_is_released(ser
 
 
 async def test_sync_view_through_an_sse_client_library_and_is_released(served) -> None:  # type: ignore[no-untyped-def]
-    nginx, markers = served
+    nginx, markers, _ = served
     got = []
     async with httpx.AsyncClient(timeout=10) as client:
         async with aconnect_sse(client, "GET", f"{nginx.url}/events/lines/?tag=sync") as source:
@@ -89,3 +90,17 @@ async def test_sync_view_through_an_sse_client_library_and_is_released(served) -
     assert got == [("message", "line 0"), ("message", "line 1"), ("message", "line 2"),
                    ("still", "here")]
     await wait_for_marker(markers, "sync", within=2.0)
+
+
+async def test_e1_control_a_blocking_call_shows_in_the_hub_log(served) -> None:  # type: ignore[no-untyped-def]
+    """The e2e stack fails its session if the hub's log has a slow-callback line
+    (asyncio debug mode, conftest.stack); this control shows such a line appears
+    under gunicorn + uvicorn (uvloop) when a view blocks the loop, so that check
+    can fail."""
+    nginx, _, hub = served
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(f"{nginx.url}/blocks/")).status_code == 200
+    deadline = time.monotonic() + 5
+    while "Executing <" not in hub.output():
+        assert time.monotonic() < deadline, hub.output()[-2000:]
+        await asyncio.sleep(0.1)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ssehub.settings")
@@ -58,8 +59,13 @@ async def lifespan(receive: Receive, send: Send) -> None:
         message = await receive()
         if message["type"] == "lifespan.startup":
             try:
+                loop = asyncio.get_running_loop()
+                if os.environ.get("PYTHONASYNCIODEBUG") or sys.flags.dev_mode:
+                    # Python's asyncio debug switch; uvicorn's loop under gunicorn does
+                    # not read it, so callbacks over 100 ms went unlogged (E1).
+                    loop.set_debug(True)
                 await ensure_hub()
-                _hook_sigterm(asyncio.get_running_loop())
+                _hook_sigterm(loop)
             except Exception as exc:
                 log.exception("hub failed to start")
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.urls import path
 
 from ssehub import sse_stream
@@ -49,4 +49,13 @@ def sync_lines(request: HttpRequest) -> Iterator[Any]:
         _closed(request)
 
 
-urlpatterns = [*hub_urlpatterns, path("events/ticks/", ticks), path("events/lines/", sync_lines)]
+async def blocks_the_loop(request: HttpRequest) -> HttpResponse:
+    """The E1 mistake on purpose: a blocking call in async code (the control
+    for the slow-callback check the e2e stack runs)."""
+    time.sleep(0.3)
+    return HttpResponse("blocked the loop for 0.3 s\n")
+
+
+urlpatterns = [*hub_urlpatterns, path("events/ticks/", ticks), path("events/lines/", sync_lines),
+               path("blocks/", blocks_the_loop)]
+
