@@ -45,13 +45,22 @@ def test_a_bad_setting_names_the_variable() -> None:
     with pytest.raises(conf.ConfigError, match="SSEHUB_BROKER_URL"):
         conf.load({"SSEHUB_BROKER_URL": "mysql://x"})
     for name, value in [("SSEHUB_HEARTBEAT", "nan"), ("SSEHUB_DRAIN_SECONDS", "inf"),
-                        ("SSEHUB_PUBLIC_CHANNELS", "news.*, bad name")]:
+                        ("SSEHUB_PUBLIC_CHANNELS", "news.*, bad name"),
+                        ("SSEHUB_BIND", "localhost"), ("SSEHUB_BIND", "unix:hub.sock"),
+                        ("SSEHUB_BIND", "127.0.0.1:8000,:99999"), ("SSEHUB_BIND", " , "),
+                        ("SSEHUB_PG_LISTEN_URL", "redis://db/0"),
+                        ("SSEHUB_PG_LISTEN_URL", "postgres://db:port/x"),
+                        ("SSEHUB_BROKER_URL", "redis://host:port/0"),
+                        ("SSEHUB_BROKER_URL", "postgres://db/x?sslmode")]:
         with pytest.raises(conf.ConfigError, match=name):
             conf.load({name: value})
     # A bad URL is named without echoing it: it may carry a password.
     with pytest.raises(conf.ConfigError, match="SSEHUB_DATABASE_URL") as bad:
         conf.load({"SSEHUB_DATABASE_URL": "postgress://app:s3cret@db/app"})
     assert "s3cret" not in str(bad.value)
+    good = conf.load({"SSEHUB_BIND": "unix:/run/s/hub.sock, 127.0.0.1:8000",
+                      "SSEHUB_PG_LISTEN_URL": "postgres://u:p@db:5432/x"})
+    assert good.bind == ("unix:/run/s/hub.sock", "127.0.0.1:8000")
 
 
 def test_grafana_dashboard_charts_every_metric() -> None:

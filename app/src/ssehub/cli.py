@@ -51,9 +51,7 @@ def _bind(value: str) -> tuple[str, int]:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     config = _config()
-    binds = args.bind or [b.strip() for b in config.bind.split(",") if b.strip()]
-    if not binds:
-        sys.exit("ssehub: SSEHUB_BIND is empty: give HOST:PORT or unix:/path")
+    binds = args.bind or list(config.bind)  # SSEHUB_BIND is checked when it is loaded
     try:
         host, port = _bind(binds[0])
         for extra in binds[1:]:

@@ -87,11 +87,50 @@ def _patterns(value: str) -> tuple[str, ...]:
     return tuple(validate_pattern(pattern) for pattern in _csv(value))
 
 
+def _postgres_url(value: str) -> str:
+    import psycopg
+
+    if not value.startswith(("postgres://", "postgresql://")):
+        raise ValueError("must start with postgres:// (e.g. postgres://USER:PASSWORD@HOST/DB)")
+    try:
+        params = psycopg.conninfo.conninfo_to_dict("postgresql://" + value.split("://", 1)[1])
+    except psycopg.Error as exc:
+        raise ValueError(f"not a PostgreSQL URL ({exc})") from None
+    if not all(port.isdigit() for port in str(params.get("port", "5432")).split(",")):
+        raise ValueError("the port is not a number")
+    return value
+
+
 def _broker_url(value: str) -> str:
     scheme = value.split("://", 1)[0] if "://" in value else ""
     if scheme not in {"memory", "redis", "rediss", "postgres", "postgresql", "unix"}:
         raise ValueError("must start with memory://, redis://, rediss:// or postgres://")
+    if scheme.startswith("postgres"):
+        return _postgres_url(value)
+    if scheme != "memory":
+        from redis.connection import parse_url
+
+        try:
+            parse_url(value)
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL ({exc}); e.g. redis://HOST:6379/0") from None
     return value
+
+
+def _binds(value: str) -> tuple[str, ...]:
+    """HOST:PORT or unix:/absolute/path, comma-separated."""
+    binds = _csv(value)
+    if not binds:
+        raise ValueError("give HOST:PORT or unix:/path")
+    for bind in binds:
+        if bind.startswith("unix:"):
+            if not bind[5:].startswith("/"):
+                raise ValueError(f"a unix: bind needs an absolute path, not {bind!r}")
+            continue
+        host, _, port = bind.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"each bind is HOST:PORT or unix:/path, not {bind!r}")
+    return binds
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -133,7 +172,7 @@ SETTINGS: tuple[Setting, ...] = (
             "ssehub:NAME text` reaches subscribers of NAME).", str),
     Setting("SSEHUB_PG_LISTEN_URL", None,
             "PostgreSQL URL for the LISTEN connection when `SSEHUB_BROKER_URL` goes through "
-            "pgbouncer (LISTEN needs a direct session).", str),
+            "pgbouncer (LISTEN needs a direct session).", _postgres_url),
     Setting("SSEHUB_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]",
             "Django's ALLOWED_HOSTS, comma-separated.", _csv),
     Setting("SSEHUB_CSRF_TRUSTED_ORIGINS", "",
@@ -146,7 +185,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SSEHUB_BIND", "127.0.0.1:8000",
             "Address `ssehub serve` listens on: HOST:PORT, or unix:/path for a proxy on the "
             "same host (cheaper per event than loopback TCP); several, comma-separated, "
-            "under gunicorn.", str),
+            "under gunicorn.", _binds),
     Setting("SSEHUB_WORKERS", "0",
             "gunicorn worker processes; 0 means one per CPU core.", _non_negative_int),
     Setting("SSEHUB_KEEPALIVE", "75",
