@@ -111,7 +111,7 @@ def _broker_url(value: str) -> str:
         from redis.connection import parse_url
 
         try:
-            parse_url(value)
+            parse_url(value)  # type: ignore[no-untyped-call]
         except ValueError as exc:
             raise ValueError(f"not a Redis URL ({exc}); e.g. redis://HOST:6379/0") from None
     return value
