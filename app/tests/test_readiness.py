@@ -55,3 +55,26 @@ async def test_503_names_the_database_when_it_is_unreachable(client, tmp_path) -
     finally:
         await sync_to_async(point_at)(good)
     assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_503_while_the_broker_listener_has_no_connection(client, pg_config) -> None:  # type: ignore[no-untyped-def]
+    """Publishes still store, but nothing is delivered live: not ready. (A wrong
+    SSEHUB_PG_LISTEN_URL used to leave /readyz at 200 while every stream got 503.)"""
+    from servers import free_port
+
+    pg_config(SSEHUB_PG_LISTEN_URL=f"postgres://127.0.0.1:{free_port()}/nowhere")
+    for _ in range(3):  # the listener keeps retrying; readiness stays red meanwhile
+        down = await client.get("/readyz")
+        assert down.status_code == 503, down.content
+        assert "listener not connected" in down.json()["error"]
+
+
+async def test_ready_once_the_listener_is_connected(client, pg_config) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import time
+
+    pg_config()
+    deadline = time.monotonic() + 10
+    while (await client.get("/readyz")).status_code != 200:
+        assert time.monotonic() < deadline, "never ready"
+        await asyncio.sleep(0.1)

@@ -53,6 +53,9 @@ async def readyz(request: HttpRequest) -> HttpResponse:
         await hub.broker.ping()
     except BrokerUnavailable as exc:
         problems.append(str(exc))
+    else:
+        if not hub.broker.listener_up:  # stores, but would deliver nothing live
+            problems.append("broker listener not connected")
     try:
         await sync_to_async(_database_ok)()
     except Exception as exc:

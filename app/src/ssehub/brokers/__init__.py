@@ -88,6 +88,11 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def replay(self, channels: Sequence[str], after: int) -> Replay: ...
 
+    @property
+    def listener_up(self) -> bool:
+        """False while the listener has no connection (no live delivery: /readyz 503)."""
+        return True
+
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise BrokerUnavailable unless the broker answers."""

@@ -100,6 +100,7 @@ class PostgresBroker(Broker):
         self._channels: set[str] = set()
         self._pending: list[tuple[str, bool, asyncio.Future[None] | None]] = []
         self._last_id: dict[str, int] = {}
+        self._listening = False
         self._task: asyncio.Task[None] | None = None
         self._schema_ready = False
         self._publishes = 0
@@ -159,6 +160,7 @@ class PostgresBroker(Broker):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._listening = False
                 # As in the Redis listener: reconnect on anything, never die silently.
                 if not isinstance(exc, (psycopg.Error, OSError)):
                     log.exception("postgres listener failed; reconnecting")
@@ -174,6 +176,7 @@ class PostgresBroker(Broker):
         for channel in sorted(self._channels):
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         await self._fill_gaps(conn)
+        self._listening = True
         idle_since = time.monotonic()
         while True:
             await self._apply_pending(conn)
@@ -328,6 +331,10 @@ class PostgresBroker(Broker):
                 return Replay(await self._range(conn, channels, after), head=head)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"postgres: {exc}") from exc
+
+    @property
+    def listener_up(self) -> bool:
+        return self._listening
 
     async def ping(self) -> None:
         try:

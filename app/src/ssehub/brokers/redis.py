@@ -361,6 +361,10 @@ class RedisBroker(Broker):
         events.sort(key=lambda e: e.id or 0)
         return Replay(events, head=head)
 
+    @property
+    def listener_up(self) -> bool:
+        return self._connected.is_set()
+
     async def ping(self) -> None:
         try:
             await self.redis.ping()
