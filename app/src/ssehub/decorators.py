@@ -5,8 +5,8 @@ The generator may yield ``str`` (data), ``(event, data)``, a ``dict`` with
 string is sent as JSON, and an event name or id with CR or LF raises ValueError
 (it would forge fields). The response has the
 hub's headers, starts with ``retry:`` and a comment at once, and gets heartbeat
-comments while the generator is quiet. Sync generators run in a thread, one
-step at a time, so they never block the event loop (E1/F1).
+comments while the generator is quiet. Sync generators run in the request's
+thread, one step at a time, so they never block the event loop (E1/F1).
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def _frame(item: Any) -> bytes:
 
 
 async def _as_async(gen: Generator[Any, None, None]) -> AsyncIterator[Any]:
-    advance = sync_to_async(lambda: next(gen, _DONE), thread_sensitive=False)
+    # thread_sensitive: every step runs in the request's own thread (Django's ASGI
+    # handler gives each request one), where Django closes the request's database
+    # connections when the response ends (F5); in pool threads they stayed open.
+    advance = sync_to_async(lambda: next(gen, _DONE), thread_sensitive=True)
     step: asyncio.Future[Any] | None = None
     try:
         while True:
@@ -62,7 +65,7 @@ async def _as_async(gen: Generator[Any, None, None]) -> AsyncIterator[Any]:
             with contextlib.suppress(BaseException):
                 await asyncio.wait([step])
         # close() runs the generator's finally blocks (its cleanup) in a thread too
-        await sync_to_async(gen.close, thread_sensitive=False)()
+        await sync_to_async(gen.close, thread_sensitive=True)()
 
 
 async def _with_heartbeats(source: AsyncIterator[Any], heartbeat: float,

@@ -49,6 +49,19 @@ def sync_lines(request: HttpRequest) -> Iterator[Any]:
         _closed(request)
 
 
+@sse_stream
+def sync_orm(request: HttpRequest) -> Iterator[Any]:
+    """A sync generator that reads the database at every step (F5 for custom streams)."""
+    from ssehub.models import Message
+
+    try:
+        while True:
+            yield {"event": "count", "data": Message.objects.count()}
+            time.sleep(0.2)
+    finally:
+        _closed(request)
+
+
 async def blocks_the_loop(request: HttpRequest) -> HttpResponse:
     """The E1 mistake on purpose: a blocking call in async code (the control
     for the slow-callback check the e2e stack runs)."""
@@ -57,5 +70,5 @@ async def blocks_the_loop(request: HttpRequest) -> HttpResponse:
 
 
 urlpatterns = [*hub_urlpatterns, path("events/ticks/", ticks), path("events/lines/", sync_lines),
-               path("blocks/", blocks_the_loop)]
+               path("events/orm/", sync_orm), path("blocks/", blocks_the_loop)]
 
