@@ -126,6 +126,15 @@ class Postgres:
     def conninfo(self, db: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
 
+    def connections(self, dbname: str) -> int:
+        """Sessions open on ``dbname`` now (pg_stat_activity), seen from another one."""
+        import psycopg
+
+        with psycopg.connect(self.conninfo(), autocommit=True) as admin:
+            row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                (dbname,)).fetchone()
+        return int(row[0]) if row else 0
+
     def stop(self, keep: bool = False) -> None:
         if self.process is not None:
             # SIGINT is postgres' "fast" shutdown; send it to the postmaster itself

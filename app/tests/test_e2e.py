@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 from conftest import SECRET, base_env, fresh_database
 from httpx_sse import aconnect_sse
@@ -216,10 +215,7 @@ async def test_f5_open_streams_hold_no_database_connection(stack, pg_server, cli
     dbname = hub.env["SSEHUB_DATABASE_URL"].rsplit("/", 1)[1]
 
     def connections() -> int:
-        with psycopg.connect(pg_server.conninfo(), autocommit=True) as admin:
-            row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                (dbname,)).fetchone()
-        return int(row[0]) if row else 0
+        return pg_server.connections(dbname)
 
     assert (await client.get(f"{nginx.url}/")).status_code == 200  # a query per request
     baseline = connections()

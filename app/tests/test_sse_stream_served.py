@@ -116,16 +116,11 @@ async def test_f5_sync_view_using_the_orm_leaves_no_database_connection(served, 
     """Each step of a sync generator runs in the request's own thread, so the
     connection the ORM opened there closes when the response ends (run in
     arbitrary executor threads, those connections stayed open for good)."""
-    import psycopg
-
     nginx, markers, hub = served
     dbname = hub.env["SSEHUB_DATABASE_URL"].rsplit("/", 1)[1]
 
     def connections() -> int:
-        with psycopg.connect(pg_server.conninfo(), autocommit=True) as admin:
-            row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                (dbname,)).fetchone()
-        return int(row[0]) if row else 0
+        return pg_server.connections(dbname)
 
     got = []
     async with httpx.AsyncClient(timeout=10) as client:
