@@ -23,13 +23,19 @@ def rf():  # type: ignore[no-untyped-def]
     return RequestFactory()
 
 
-async def consume(response, count: int, timeout: float = 5) -> list[bytes]:  # type: ignore[no-untyped-def]
+async def consume(response, count: int, timeout: float = 5, close: bool = True) -> list[bytes]:  # type: ignore[no-untyped-def]
     chunks: list[bytes] = []
-    async with asyncio.timeout(timeout):
-        async for chunk in response.streaming_content:
-            chunks.append(chunk)
-            if len(chunks) >= count:
-                break
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in response.streaming_content:
+                chunks.append(chunk)
+                if len(chunks) >= count:
+                    break
+    finally:
+        if close:
+            # Closed inside the test's loop (a server drops it when the client leaves);
+            # left to the garbage collector, its cleanup could outlive the loop.
+            await response._iterator.aclose()
     return chunks
 
 
@@ -108,7 +114,7 @@ async def test_yields_cannot_forge_fields_and_data_becomes_json(rf) -> None:  # 
         yield ("x\ndata: forged", "payload")
 
     response = await view(rf.get("/"))
-    chunks = await consume(response, 3)
+    chunks = await consume(response, 3, close=False)
     assert chunks[1:] == [b'event: score\ndata: {"home":2,"away":1}\n\n',
                           b'id: 3\ndata: [1,"zwei"]\n\n']
     with pytest.raises(ValueError, match="CR or LF"):

@@ -157,3 +157,33 @@ async def test_sync_views_of_two_clients_run_side_by_side(served) -> None:  # ty
 
     took = await asyncio.gather(read("side-a"), read("side-b"))
     assert max(took) < 2.4, took  # 7 steps of 0.2 s each: about 1.4 s side by side
+
+
+async def test_e2_sigterm_ends_custom_streams_with_the_drain_comment(
+        redis_server: Redis, tmp_path: Path) -> None:
+    """Like the hub's own streams, an @sse_stream view ends with the final comment
+    as soon as the worker drains, not when uvicorn cuts it at the shutdown bound."""
+    import signal
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="served-e2:",
+                   SSEHUB_DATA_DIR=str(tmp_path), SSEHUB_DRAIN_SECONDS="8",
+                   DJANGO_SETTINGS_MODULE="served_settings", SERVED_MARKERS=str(markers),
+                   PYTHONPATH=os.pathsep.join([str(SERVED), os.environ.get("PYTHONPATH", "")]))
+    with running(Hub(tmp_path, env, workers=1)) as hub:
+        assert hub.process is not None
+        async with httpx.AsyncClient(timeout=10) as client:
+            async with client.stream("GET", f"{hub.url}/events/ticks/?tag=drain") as response:
+                received = b""
+                chunks = response.aiter_raw()
+                while b'"n":2' not in received:  # the view is quiet after three ticks
+                    received += await anext(chunks)
+                hub.process.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+                async for chunk in chunks:
+                    received += chunk
+                took = time.monotonic() - sent
+    assert received.endswith(b": draining, reconnect\n\n"), received[-200:]
+    assert took < 2.0, f"stream ended {took:.1f} s after SIGTERM (drain bound 8 s)"
+    await wait_for_marker(markers, "drain", within=2.0)

@@ -22,6 +22,7 @@ from asgiref.sync import sync_to_async
 from django.http import HttpRequest, StreamingHttpResponse
 
 from . import conf, sse
+from .hub import get_hub
 
 _DONE = object()
 
@@ -72,11 +73,20 @@ async def _with_heartbeats(source: AsyncIterator[Any], heartbeat: float,
                            retry_ms: int) -> AsyncIterator[bytes]:
     yield sse.preamble(retry_ms)
     pending: asyncio.Task[Any] | None = None
+    # On SIGTERM the hub drains: these streams end with its final comment too, so
+    # clients reconnect elsewhere at once instead of being cut at the shutdown bound.
+    hub = get_hub()
+    drained = asyncio.ensure_future(hub.drained.wait()) if hub is not None else None
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(source, _DONE))
-            done, _ = await asyncio.wait({pending}, timeout=heartbeat)
+            done, _ = await asyncio.wait({pending} if drained is None else {pending, drained},
+                                         timeout=heartbeat,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if drained is not None and drained in done:
+                yield sse.DRAINING
+                return
             if not done:
                 yield sse.HEARTBEAT
                 continue
@@ -85,6 +95,8 @@ async def _with_heartbeats(source: AsyncIterator[Any], heartbeat: float,
                 return
             yield _frame(item)
     finally:
+        if drained is not None:
+            drained.cancel()
         if pending is not None:
             pending.cancel()
             with contextlib.suppress(BaseException):

@@ -194,6 +194,7 @@ class Hub:
         self.broker = broker or create(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
+        self.drained = asyncio.Event()  # set by drain(): custom @sse_stream views end too
         self._by_channel: dict[str, set[Subscriber]] = {}
         self._interest: dict[str, asyncio.Task[None]] = {}
         self._unlisten: dict[str, asyncio.TimerHandle] = {}
@@ -348,6 +349,7 @@ class Hub:
         if self.draining:
             return
         self.draining = True
+        self.drained.set()
         log.info("draining %d streams", len(self._subscribers))
         for subscriber in list(self._subscribers):
             subscriber.buf.append(DRAINING)

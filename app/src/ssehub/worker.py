@@ -1,9 +1,9 @@
 """The gunicorn worker class: uvicorn with the hub's shutdown bound.
 
 uvicorn waits for open connections on shutdown; with endless streams that is
-forever (E2/E3). The hub closes its streams on SIGTERM, and
-``timeout_graceful_shutdown`` bounds whatever is left (custom ``@sse_stream``
-views) at ``SSEHUB_DRAIN_SECONDS``.
+forever (E2/E3). The hub closes its streams on SIGTERM (``@sse_stream`` views
+too), and ``timeout_graceful_shutdown`` bounds whatever is left (other
+long requests) at ``SSEHUB_DRAIN_SECONDS``.
 """
 
 from __future__ import annotations
