@@ -75,3 +75,16 @@ def test_configuration_errors_name_the_variable(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "SSEHUB_TOKEN_SECRET is required" in result.stderr
+
+
+def test_django_management_commands_through_the_same_entry_point(tmp_path: Path) -> None:
+    env = {**clean_env(tmp_path), "SSEHUB_STATIC_ROOT": str(tmp_path / "static")}
+    for command in (["migrate", "-v", "0"], ["collectstatic", "--noinput"],
+                    ["showmigrations", "ssehub"]):
+        done = subprocess.run([sys.executable, "-m", "ssehub.cli", *command], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+    assert "static files copied to '" + str(tmp_path / "static") in subprocess.run(
+        [sys.executable, "-m", "ssehub.cli", "collectstatic", "--noinput"], env=env,
+        capture_output=True, text=True, timeout=60).stdout
+    assert "[X] 0001" in done.stdout  # migrate applied the app's migrations
