@@ -37,6 +37,7 @@ from ssehub import tokens  # noqa: E402
 
 FRAME = re.compile(rb"id: (\d+)\ndata: ([0-9.]+)\n\n")
 CHANNEL = "bench"
+STREAM_PATH = "/events/"  # --django-path: /events/django/ (bench_django.py)
 
 
 def pin(pid: int, core: str) -> None:
@@ -103,7 +104,7 @@ class Stream(asyncio.Protocol):
 async def open_streams(port: int, count: int, token: str, latency_every: int = 1,
                        rate: int = 2000) -> list[Stream]:
     loop = asyncio.get_running_loop()
-    request = (f"GET /events/?channel={CHANNEL}&token={token} HTTP/1.0\r\n"
+    request = (f"GET {STREAM_PATH}?channel={CHANNEL}&token={token} HTTP/1.0\r\n"
                f"Host: localhost\r\n\r\n").encode()
     streams: list[Stream] = []
     batch = max(1, rate // 20)
@@ -313,6 +314,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--direct", action="store_true",
                         help="streams and publishes straight to the hub, not through nginx")
+    parser.add_argument("--django-path", action="store_true",
+                        help="streams through Django's StreamingHttpResponse (an @sse_stream "
+                             "view on the same hub, bench_django.py) instead of the thin "
+                             "/events/ path, to measure what the thin path saves")
     parser.add_argument("--tcp", action="store_true",
                         help="nginx reaches the hub over loopback TCP (the hop to a proxy on "
                              "another host, as in the cluster layout) instead of the Unix "
@@ -335,11 +340,17 @@ def main() -> None:
     redis = Redis(directory)
     hub = nginx = None
     env = {"SSEHUB_BROKER_URL": redis.url, "SSEHUB_TOKEN_SECRET": SECRET,
-           "SSEHUB_SECRET_KEY": secrets.token_urlsafe(48), "SSEHUB_DATA_DIR": str(directory),
-           "SSEHUB_RETENTION_EVENTS": "100000"}
+           "SSEHUB_SECRET_KEY": secrets.token_urlsafe(48), "SSEHUB_DATA_DIR": str(directory)}
+    # Retention as deployed (1,000 events per channel): past that, every publish
+    # also trims the oldest entry.
     # The hub, nginx and Redis on one core is the single-host layout, whose proxy
     # reaches the hub over a Unix socket (roles: ssehub_unix_socket); --direct and
     # --tcp put the hub on loopback TCP.
+    if args.django_path:
+        global STREAM_PATH
+        STREAM_PATH = "/events/django/"
+        env.update(DJANGO_SETTINGS_MODULE="bench_django", PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     hub = Hub(directory, env, workers=1, unix_socket=not (args.direct or args.tcp))
     nginx = bench_nginx(directory / "nginx", hub.bind, workers=1)
     try:
