@@ -37,27 +37,13 @@ def _django_setup() -> None:
     django.setup()
 
 
-def _bind(value: str) -> tuple[str, int]:
-    """HOST:PORT, or ``unix:/absolute/path`` (returned as that string and port 0)."""
-    if value.startswith("unix:"):
-        if not value[5:].startswith("/"):
-            raise argparse.ArgumentTypeError(f"a unix: bind needs an absolute path, not {value!r}")
-        return value, 0
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--bind must be HOST:PORT or unix:/path, not {value!r}")
-    return host.strip("[]"), int(port)
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     config = _config()
     binds = args.bind or list(config.bind)  # SSEHUB_BIND is checked when it is loaded
     try:
-        host, port = _bind(binds[0])
-        for extra in binds[1:]:
-            _bind(extra)
-    except argparse.ArgumentTypeError as exc:
-        sys.exit(f"ssehub: {exc}")
+        (host, port), *_ = [conf.parse_bind(bind) for bind in binds]  # every one checked
+    except ValueError as exc:
+        sys.exit(f"ssehub: --bind: {exc}")
     if config.embedded:
         if len(binds) > 1:
             sys.exit("ssehub: the embedded mode listens on one HOST:PORT; several binds are "

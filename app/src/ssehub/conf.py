@@ -87,13 +87,18 @@ def _patterns(value: str) -> tuple[str, ...]:
     return tuple(validate_pattern(pattern) for pattern in _csv(value))
 
 
+def postgres_conninfo(url: str) -> str:
+    """A postgres:// URL as libpq spells it (postgresql://)."""
+    return "postgresql://" + url.split("://", 1)[1] if url.startswith("postgres://") else url
+
+
 def _postgres_url(value: str) -> str:
     import psycopg
 
     if not value.startswith(("postgres://", "postgresql://")):
         raise ValueError("must start with postgres:// (e.g. postgres://USER:PASSWORD@HOST/DB)")
     try:
-        params = psycopg.conninfo.conninfo_to_dict("postgresql://" + value.split("://", 1)[1])
+        params = psycopg.conninfo.conninfo_to_dict(postgres_conninfo(value))
     except psycopg.Error as exc:
         raise ValueError(f"not a PostgreSQL URL ({exc})") from None
     if not all(port.isdigit() for port in str(params.get("port", "5432")).split(",")):
@@ -117,19 +122,25 @@ def _broker_url(value: str) -> str:
     return value
 
 
+def parse_bind(value: str) -> tuple[str, int]:
+    """HOST:PORT, or ``unix:/absolute/path`` (returned as that string and port 0)."""
+    if value.startswith("unix:"):
+        if not value[5:].startswith("/"):
+            raise ValueError(f"a unix: bind needs an absolute path, not {value!r}")
+        return value, 0
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a bind is HOST:PORT or unix:/path, not {value!r}")
+    return host.strip("[]"), int(port)
+
+
 def _binds(value: str) -> tuple[str, ...]:
     """HOST:PORT or unix:/absolute/path, comma-separated."""
     binds = _csv(value)
     if not binds:
         raise ValueError("give HOST:PORT or unix:/path")
     for bind in binds:
-        if bind.startswith("unix:"):
-            if not bind[5:].startswith("/"):
-                raise ValueError(f"a unix: bind needs an absolute path, not {bind!r}")
-            continue
-        host, _, port = bind.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"each bind is HOST:PORT or unix:/path, not {bind!r}")
+        parse_bind(bind)
     return binds
 
 

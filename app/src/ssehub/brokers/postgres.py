@@ -32,6 +32,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from ..conf import postgres_conninfo
 from ..sse import Event
 from . import Broker, BrokerUnavailable, Published, Replay
 
@@ -85,15 +86,11 @@ ON CONFLICT (channel) DO UPDATE SET floor = GREATEST(ssehub_floor.floor, EXCLUDE
 """
 
 
-def _conninfo(url: str) -> str:
-    return "postgresql://" + url.split("://", 1)[1] if url.startswith("postgres://") else url
-
-
 class PostgresBroker(Broker):
     def __init__(self, url: str, config: Any) -> None:
         super().__init__(url, config)
-        self.conninfo = _conninfo(url)
-        self.listen_conninfo = _conninfo(config.pg_listen_url or url)
+        self.conninfo = postgres_conninfo(url)
+        self.listen_conninfo = postgres_conninfo(config.pg_listen_url or url)
         self.pool = AsyncConnectionPool(self.conninfo, min_size=1, max_size=1, open=False,
                                         kwargs={"autocommit": True, **TCP_OPTIONS},
                                         timeout=10)
