@@ -87,6 +87,86 @@ class Redis:
                               capture_output=True, text=True).stdout.strip()
 
 
+class DeployedRedis(Redis):
+    """Redis with the redis role's own redis.conf and users.acl, rendered by Ansible.
+
+    The ACL (default user off, the app user's rules) and persistence (AOF,
+    everysec) are the deployed ones; only what belongs to the host (port, bind,
+    dir, log and pid files, systemd supervision) is overridden on the command
+    line. A restart of this server is a restart of what the role deploys.
+    """
+
+    APP_PASSWORD = "app-password"
+    ADMIN_PASSWORD = "admin-password"
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.conf = render_redis_role(directory / "etc")
+        defaults = role_defaults("redis")
+        self.app_user = defaults["redis_app_user"]
+        self.admin_user = defaults["redis_admin_user"]
+        self.url = f"redis://{self.app_user}:{self.APP_PASSWORD}@127.0.0.1:{self.port}/0"
+        self.log = directory / "redis.log"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", str(self.conf), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.dir), "--logfile", str(self.log), "--supervised", "no",
+             "--pidfile", str(self.dir / "redis.pid")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: port_open(self.port), what="redis")
+        # Listening is not loaded: wait until the AOF is replayed.
+        wait_for(lambda: self.cli("PING") == "PONG", what="redis (loading)")
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), "--no-auth-warning",
+                               "--user", self.admin_user, "--pass", self.ADMIN_PASSWORD, *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+
+def role_defaults(role: str) -> dict[str, Any]:
+    """A role's defaults and vars, as the role sees them before the inventory."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for name in ("defaults", "vars"):
+        path = REPO / "roles" / role / name / "main.yml"
+        if path.exists():
+            values.update(yaml.safe_load(path.read_text()) or {})
+    return values
+
+
+def render_redis_role(out: Path) -> Path:
+    """Render the redis role's redis.conf and users.acl into ``out`` with Ansible."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    templates = REPO / "roles/redis/templates/etc/redis"
+    variables = {**role_defaults("redis"), "ssekit_private_address": "127.0.0.1",
+                 "redis_app_password": DeployedRedis.APP_PASSWORD,
+                 "redis_admin_password": DeployedRedis.ADMIN_PASSWORD,
+                 "__redis_acl_file": str(out / "users.acl"),
+                 "ansible_python_interpreter": sys.executable}
+    tasks = [{"name": f"Render {name}",
+              "ansible.builtin.template": {"src": str(templates / f"{name}.j2"),
+                                           "dest": str(out / name), "mode": "0600"}}
+             for name in ("redis.conf", "users.acl")]
+    playbook = out / "render.yml"
+    playbook.write_text(yaml.safe_dump([{"hosts": "localhost", "connection": "local",
+                                         "gather_facts": False, "vars": variables,
+                                         "tasks": tasks}]))
+    (out / "ansible.cfg").write_text("[defaults]\n")  # not the repo's or the user's
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
+           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+           "ANSIBLE_CONFIG": str(out / "ansible.cfg")}
+    run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
+                          "localhost,", str(playbook)], cwd=out, env=env, capture_output=True,
+                         text=True, timeout=120)
+    if run.returncode != 0:
+        raise RuntimeError("rendering the redis role failed:\n" + run.stdout[-3000:])
+    return out / "redis.conf"
+
+
 class Postgres:
     def __init__(self, directory: Path) -> None:
         # Not under pytest's 0700 tmp dir: the postgres user must reach it.

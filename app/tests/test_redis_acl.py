@@ -1,4 +1,4 @@
-"""The hub works under the Redis ACL the redis role deploys (one source: the role's default).
+"""The hub works under the Redis ACL the redis role deploys (its rendered users.acl).
 
 Regression: a publish without Idempotency-Key passed an empty key name to the
 Lua script, which an ACL limited to ``~ssehub:*`` refuses (found by the cluster
@@ -10,24 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import _config_factory, take
-from servers import Redis, running
+from servers import DeployedRedis, running
 
 from ssehub import conf
 from ssehub.hub import Hub
 
 pytestmark = pytest.mark.asyncio
 
-ROLE_DEFAULTS = Path(__file__).resolve().parents[2] / "roles/redis/defaults/main.yml"
-
 
 async def test_publish_replay_and_listen_under_the_deployed_acl(tmp_path: Path) -> None:
-    rules = yaml.safe_load(ROLE_DEFAULTS.read_text())["redis_app_acl_rules"].split()
-    with running(Redis(tmp_path)) as redis:
-        redis.cli("ACL", "SETUSER", "ssehub", "on", ">app-password", *rules)
-        url = f"redis://ssehub:app-password@127.0.0.1:{redis.port}/0"
-        hub = Hub(_config_factory(url)(SSEHUB_REDIS_PREFIX="ssehub:"))
+    with running(DeployedRedis(tmp_path)) as redis:
+        hub = Hub(_config_factory(redis.url)(SSEHUB_REDIS_PREFIX="ssehub:"))
         await hub.start()
         try:
             subscriber = await hub.subscribe(["acl"])

@@ -32,7 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError, NoScriptError, RedisError
 
 from ..sse import Event
 from . import Broker, BrokerUnavailable, Published, Replay
@@ -339,25 +339,36 @@ class RedisBroker(Broker):
 
     async def replay(self, channels: Sequence[str], after: int) -> Replay:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.get(f"{self.prefix}seq")
-                for channel in channels:
-                    pipe.xinfo_stream(self._stream_key(channel))
-                results = await pipe.execute(raise_on_error=False)
-            head = int(results[0] or 0)
-            if after > head:
-                return Replay(reset=True, head=head)
-            for info in results[1:]:
-                if isinstance(info, Exception):
-                    continue  # no such stream: nothing retained, nothing deleted
-                deleted = info.get("max-deleted-entry-id") or b"0-0"
-                if after < _stream_id(deleted):
-                    return Replay(reset=True, head=head)
-            events: list[Event] = []
-            for channel in channels:
-                events.extend(await self._range(channel, after))
+            try:
+                return await self._replay(channels, after)
+            except ConnectionError:
+                # The pooled connection died with a Redis restart and this was the
+                # first command to find out. A read is safe to resend (a publish is not).
+                log.info("redis command connection was closed; reading the replay again")
+                return await self._replay(channels, after)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"redis: {exc}") from exc
+
+    async def _replay(self, channels: Sequence[str], after: int) -> Replay:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(f"{self.prefix}seq")
+            for channel in channels:
+                pipe.xinfo_stream(self._stream_key(channel))
+            results = await pipe.execute(raise_on_error=False)
+        if isinstance(results[0], Exception):
+            raise results[0]
+        head = int(results[0] or 0)
+        if after > head:
+            return Replay(reset=True, head=head)
+        for info in results[1:]:
+            if isinstance(info, Exception):
+                continue  # no such stream: nothing retained, nothing deleted
+            deleted = info.get("max-deleted-entry-id") or b"0-0"
+            if after < _stream_id(deleted):
+                return Replay(reset=True, head=head)
+        events: list[Event] = []
+        for channel in channels:
+            events.extend(await self._range(channel, after))
         events.sort(key=lambda e: e.id or 0)
         return Replay(events, head=head)
 
