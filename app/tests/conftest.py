@@ -7,7 +7,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -168,21 +168,31 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-async def take(subscriber: Subscriber, count: int, timeout: float = 5.0) -> list:
-    """Wait for ``count`` events with ids (heartbeats are skipped)."""
+async def received(subscriber: Subscriber, done: Callable[[list], bool],
+                   timeout: float = 5.0) -> list:
+    """What the stream gets (a Batch, a burst of one channel, as its events; frames
+    such as heartbeats and resets as they are) until ``done(got)`` holds."""
     got: list = []
     deadline = time.monotonic() + timeout
-    while len(got) < count:
+    while not done(got):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise AssertionError(f"got {len(got)} of {count} events: {got}")
+            raise AssertionError(f"the stream got only {got}")
         try:
             async with asyncio.timeout(remaining):
                 await subscriber.wait()
         except TimeoutError:
             continue
         batch, subscriber.buf = subscriber.buf, []
-        for item in batch:  # a Batch (a burst of one channel) carries its events
-            got.extend(e for e in getattr(item, "events", [item])
-                       if getattr(e, "channel", None) is not None)
+        for item in batch:
+            got.extend(getattr(item, "events", [item]))
     return got
+
+
+def _events(got: list) -> list:
+    return [e for e in got if getattr(e, "channel", None) is not None]
+
+
+async def take(subscriber: Subscriber, count: int, timeout: float = 5.0) -> list:
+    """Wait for ``count`` events with ids (heartbeats are skipped)."""
+    return _events(await received(subscriber, lambda got: len(_events(got)) >= count, timeout))

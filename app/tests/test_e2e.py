@@ -201,7 +201,9 @@ async def test_i1_a_long_replay_arrives_whole_and_in_order(proxy, client) -> Non
 
 async def test_i1_unknown_id_gets_a_reset_event(proxy, client) -> None:  # type: ignore[no-untyped-def]
     newest = await publish(client, proxy.url, "public.reset", "x")
-    for unknown in ["999999999999", "not-an-id", "-1"]:
+    # An id above any issued, and ones that are no id (an id of a lost history:
+    # test_history_reset).
+    for unknown in [str(int(newest) + 10**9), "not-an-id", "-1"]:
         events = await read_events(client, f"{proxy.url}/events/?channel=public.reset", 1,
                                    {"Last-Event-ID": unknown})
         assert events[0].event == "reset"

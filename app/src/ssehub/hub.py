@@ -18,12 +18,17 @@ Design choices (read before "simplifying"):
 - Heartbeats come from one task per process, not a timer per stream.
 - ``drain()`` (SIGTERM) closes every stream with a final comment so clients
   reconnect through the proxy to another app server (E2).
+- When the broker finds its stored history gone (``_on_history_lost``), every
+  stream of those channels gets ``event: reset`` with the id to resume from,
+  its replay floor is cleared (the new ids may be lower than the old), and a
+  metric and a log line say so: a loss is never silent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -208,7 +213,7 @@ class Hub:
             return
         self._started = True
         self.loop = asyncio.get_running_loop()
-        await self.broker.start(self._on_events)
+        await self.broker.start(self._on_events, self._on_history_lost)
         self._heartbeat = asyncio.create_task(self._beat(), name="ssehub-heartbeat")
 
     async def close(self) -> None:
@@ -256,6 +261,20 @@ class Hub:
                 if event.channel in subscriber.channels and subscriber.push(event):
                     delivered += 1
         metrics.DELIVERED.inc(delivered)
+
+    def _on_history_lost(self, channels: list[str], head: int) -> None:
+        """The broker lost the history these channels were delivered from."""
+        affected: set[Subscriber] = set()
+        for channel in channels:
+            affected.update(self._by_channel.get(channel, ()))
+        reset = Frame(sse.encode(json.dumps({"reason": "history lost"}), "reset", head))
+        for subscriber in affected:
+            subscriber.floor = 0
+            subscriber.push(reset)
+        metrics.HISTORY_RESETS.inc()
+        metrics.STREAM_RESETS.inc(len(affected))
+        log.warning("stored history lost on %d channels: %d streams got event: reset (id %d)",
+                    len(channels), len(affected), head)
 
     async def _beat(self) -> None:
         while True:

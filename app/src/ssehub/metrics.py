@@ -29,6 +29,12 @@ DROPPED = Counter("ssehub_subscribers_dropped",
 BROKER_LAG = Gauge("ssehub_broker_lag_seconds",
                    "Seconds from publish to the listener receiving the event, last event seen.",
                    multiprocess_mode="livemax")
+HISTORY_RESETS = Counter("ssehub_history_resets",
+                         "Times this hub found the broker's stored history gone (a wiped "
+                         "or restored store, a replica that lagged); its streams got a reset.")
+STREAM_RESETS = Counter("ssehub_stream_resets",
+                        "Streams sent event: reset because the stored history they were "
+                        "delivered from is gone.")
 DRAINING = Gauge("ssehub_draining", "1 while the worker drains on shutdown.",
                  multiprocess_mode="livemax")
 

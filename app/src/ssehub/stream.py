@@ -160,7 +160,7 @@ async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id:
     replay = await hub.replay(names, after)
     if replay.reset:
         head = replay.head
-        reason = "unknown id" if after > head else "older than retention"
+        reason = replay.reason or ("unknown id" if after > head else "older than retention")
         data = json.dumps({"reason": reason, "last_event_id": last_id})
         frames = [sse.encode(data, "reset", head if head else None)]
         cursor = head

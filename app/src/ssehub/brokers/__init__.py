@@ -19,7 +19,13 @@ tests against all three):
   here, not per subscriber).
 - ``replay(channels, after)`` returns the retained events with ``id > after``
   in id order, or ``reset`` when ``after`` is older than retention on one of the
-  channels or newer than anything the broker issued.
+  channels, newer than anything the broker issued, or from a history the
+  store lost (ids carry their history: a new one starts above every id an
+  older one issued).
+- When the listener finds that the store lost the history it delivered from
+  (a wiped or restored store, a replica that lagged), it calls ``on_reset``
+  with its channels and the id a client resumes from, then delivers the new
+  history's events. Nothing is dropped as a duplicate that was not delivered.
 - Raw messages from outside (``redis-cli PUBLISH``, psql ``NOTIFY``) reach
   listeners as events with ``id=None``: live only, never stored.
 """
@@ -34,6 +40,8 @@ from ..conf import Config
 from ..sse import Event
 
 EventCallback = Callable[[list[Event]], None]
+# (channels whose stored history is gone, the id their streams resume from)
+ResetCallback = Callable[[list[str], int], None]
 
 
 class BrokerUnavailable(Exception):
@@ -58,6 +66,8 @@ class Replay:
     events: list[Event] = field(default_factory=list)
     reset: bool = False
     head: int = 0
+    # Why a reset, when the broker knows better than "unknown id" or "older than retention".
+    reason: str = ""
 
 
 class Broker(abc.ABC):
@@ -65,10 +75,14 @@ class Broker(abc.ABC):
         self.url = url
         self.config = config
         self.on_events: EventCallback = lambda events: None
+        self.on_reset: ResetCallback = lambda channels, head: None
 
-    async def start(self, on_events: EventCallback) -> None:
+    async def start(self, on_events: EventCallback,
+                    on_reset: ResetCallback | None = None) -> None:
         """Connect and start the listener task."""
         self.on_events = on_events
+        if on_reset is not None:
+            self.on_reset = on_reset
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -105,8 +105,8 @@ class PostgresBroker(Broker):
         self._wake_channel = f"ssehub_wake_{os.getpid()}_{id(self):x}"
         self._waiting = False
 
-    async def start(self, on_events: Any) -> None:
-        await super().start(on_events)
+    async def start(self, on_events: Any, on_reset: Any = None) -> None:
+        await super().start(on_events, on_reset)
         await self.pool.open(wait=False)
         self._task = asyncio.create_task(self._run(), name="ssehub-pg-listener")
 

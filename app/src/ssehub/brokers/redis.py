@@ -15,6 +15,17 @@ Design choices:
   answer within a few seconds means reconnect (G3).
 - Reset detection uses the stream's ``max-deleted-entry-id`` (Redis 7): an
   ``after`` below it means the client missed an event that is gone.
+- History identity: ``{prefix}epoch`` sits beside the sequence. A store that
+  has neither (new, or wiped: FLUSHALL, a lost AOF) starts a new history
+  whose ids begin at the clock in microseconds (as the memory broker's), so
+  they are above every id an earlier history issued and an id from a lost
+  history is told apart forever: ``0 < after < epoch`` gets a reset. The
+  listener reads epoch and sequence when it connects and every
+  ``HISTORY_CHECK_SECONDS`` (never per event); a changed epoch, or a sequence
+  below the ids it has seen (a lagging replica, a truncated AOF: it then starts
+  a new history itself), sends ``event: reset`` to every stream of its
+  channels and goes on with the new ids. A store from before epochs (sequence,
+  no epoch) keeps its ids under epoch 0.
 - Raw ``PUBLISH ssehub:NAME text`` from outside arrives without our marker and
   is delivered live only, with no id.
 """
@@ -47,17 +58,35 @@ DEAD_AFTER_SECONDS = 12.0
 COMMAND_TIMEOUT_SECONDS = 5.0
 RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 MAX_BATCH = 256
+# How often a connected listener checks that the store's history is still the
+# one it delivered from (one round trip, not per event).
+HISTORY_CHECK_SECONDS = 5.0
+# A new history's first id: the clock in microseconds. Below 2**53 until 2255,
+# so JavaScript numbers hold it exactly; a history overlaps a later one only if
+# it averaged more than a million events a second over its life.
+ID_BASE_PER_SECOND = 1_000_000
 
-# KEYS: seq, stream[, idempotency key] (no third key without one: an ACL that
-# allows only ~ssehub:* refuses an empty key name)
+# KEYS: seq, stream, epoch[, idempotency key] (no fourth key without one: an ACL
+# that allows only ~ssehub:* refuses an empty key name)
 # Ages are trimmed 16 entries at a time; the Lua escape 30 is MARKER (record separator).
-# ARGV: pubsub channel, event, data, published_at, maxlen, idempotency ttl ms, age cutoff
+# Ids pass through string.format('%d'): Lua's tostring prints 15 digits or more
+# in exponent form.
+# ARGV: pubsub channel, event, data, published_at, maxlen, idempotency ttl ms, age cutoff,
+#       new history base
 PUBLISH_SCRIPT = """
-if KEYS[3] then
-  local known = redis.call('GET', KEYS[3])
+if KEYS[4] then
+  local known = redis.call('GET', KEYS[4])
   if known then return -tonumber(known) end  -- negative: an earlier event's id
 end
-local id = redis.call('INCR', KEYS[1])
+if not redis.call('GET', KEYS[3]) then
+  if redis.call('GET', KEYS[1]) then
+    redis.call('SET', KEYS[3], '0')  -- a store from before epochs keeps its ids
+  else
+    redis.call('SET', KEYS[1], ARGV[8])  -- a new history
+    redis.call('SET', KEYS[3], ARGV[8])
+  end
+end
+local id = string.format('%d', redis.call('INCR', KEYS[1]))
 redis.call('XADD', KEYS[2], id .. '-0', 'e', ARGV[2], 'd', ARGV[3], 't', ARGV[4])
 -- XDEL rather than MAXLEN: only XDEL advances max-deleted-entry-id, which replay
 -- reads to tell a client that it missed trimmed events.
@@ -72,9 +101,34 @@ for i, entry in ipairs(oldest) do
 end
 local nl = '\\n'
 redis.call('PUBLISH', ARGV[1], '\\30' .. id .. nl .. ARGV[2] .. nl .. ARGV[4] .. nl .. ARGV[3])
-if KEYS[3] then redis.call('SET', KEYS[3], id, 'PX', ARGV[6]) end
-return id
+if KEYS[4] then redis.call('SET', KEYS[4], id, 'PX', ARGV[6]) end
+return tonumber(id)
 """
+
+# The listener makes sure the store has a history it can recognise: none yet (a
+# new or wiped store) or a sequence below the ids it has seen (a replica that
+# lagged, a truncated AOF) starts a new one above every id seen; a store from
+# before epochs (sequence, no epoch) keeps its ids under epoch 0. Atomic, so of
+# several hubs one starts the history and the others adopt it.
+# KEYS: seq, epoch; ARGV: the highest id seen, new history base. Returns the epoch.
+HISTORY_SCRIPT = """
+local epoch = redis.call('GET', KEYS[2])
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local high = tonumber(ARGV[1])
+if epoch and seq >= high then return epoch end
+if not epoch and seq > 0 and seq >= high then
+  redis.call('SET', KEYS[2], '0')
+  return '0'
+end
+local base = string.format('%d', math.max(high, tonumber(ARGV[2])))
+redis.call('SET', KEYS[1], base)
+redis.call('SET', KEYS[2], base)
+return base
+"""
+
+
+def new_history_base(now: float) -> int:
+    return int(now * ID_BASE_PER_SECOND)
 
 
 def _stream_id(raw: bytes | str) -> int:
@@ -105,12 +159,18 @@ class RedisBroker(Broker):
         self.redis = aioredis.Redis(connection_pool=pool)
         self._listener_client = aioredis.Redis.from_url(url, **options)
         self._script = self.redis.register_script(PUBLISH_SCRIPT)
+        self._history_script = self.redis.register_script(HISTORY_SCRIPT)
         self._script_ready = False
         self._queue: list[tuple[list[str], list[Any], asyncio.Future[int]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._channels: set[str] = set()
         self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
         self._last_id: dict[str, int] = {}
+        # The history the listener delivers from: the store's epoch when last read
+        # (None: not read yet), and the highest id seen of channels
+        # no longer listened to (the others are in _last_id).
+        self._epoch: int | None = None
+        self._high = 0
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -123,8 +183,16 @@ class RedisBroker(Broker):
     def _pubsub_channel(self, channel: str) -> str:
         return f"{self.prefix}{channel}"
 
-    async def start(self, on_events: Any) -> None:
-        await super().start(on_events)
+    @property
+    def _seq_key(self) -> str:
+        return f"{self.prefix}seq"
+
+    @property
+    def _epoch_key(self) -> str:
+        return f"{self.prefix}epoch"
+
+    async def start(self, on_events: Any, on_reset: Any = None) -> None:
+        await super().start(on_events, on_reset)
         self._task = asyncio.create_task(self._run(), name="ssehub-redis-listener")
 
     async def close(self) -> None:
@@ -148,7 +216,7 @@ class RedisBroker(Broker):
             # The gap fill after a reconnect starts here: read before SUBSCRIBE so no
             # event that arrives live is mistaken for one already seen.
             try:
-                self._last_id[channel] = int(await self.redis.get(f"{self.prefix}seq") or 0)
+                self._last_id[channel] = int(await self.redis.get(self._seq_key) or 0)
             except (RedisError, OSError) as exc:
                 raise BrokerUnavailable(f"redis: {exc}") from exc
         self._channels.add(channel)
@@ -164,7 +232,7 @@ class RedisBroker(Broker):
 
     async def unlisten(self, channel: str) -> None:
         self._channels.discard(channel)
-        self._last_id.pop(channel, None)
+        self._high = max(self._high, self._last_id.pop(channel, 0))
         if self._pubsub is not None and self._connected.is_set():
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.unsubscribe(self._pubsub_channel(channel))
@@ -196,14 +264,24 @@ class RedisBroker(Broker):
         pubsub = self._listener_client.pubsub()
         self._pubsub = pubsub
         await pubsub.connect()  # type: ignore[no-untyped-call]
+        # Before subscribing: a lost history resets the gap fill's starting points.
+        await self._check_history()
         wanted = sorted(self._channels)
         if wanted:
             await pubsub.subscribe(*(self._pubsub_channel(c) for c in wanted))
         self._connected.set()
+        late = sorted(self._channels.difference(wanted))  # listen() ran meanwhile
+        if late:
+            await pubsub.subscribe(*(self._pubsub_channel(c) for c in late))
         await self._fill_gaps(wanted)
         last_seen = time.monotonic()
+        next_check = last_seen + HISTORY_CHECK_SECONDS
         pinged = False
         while True:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + HISTORY_CHECK_SECONDS
+                if await self._check_history():
+                    await self._fill_gaps(sorted(self._channels))
             if not pubsub.subscribed:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -264,6 +342,46 @@ class RedisBroker(Broker):
                 del self._confirm[channel]
         return None
 
+    async def _check_history(self) -> bool:
+        """Compare the store's history with the one delivered from; True if it was lost.
+
+        Then every stream of the listened channels gets ``event: reset`` (through
+        ``on_reset``), and the gap fill starts where the store's history now begins.
+        The first check makes sure the store has a history (HISTORY_SCRIPT), so a
+        later wipe is always told apart from a store that never had one.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._epoch_key)
+            pipe.get(self._seq_key)
+            raw_epoch, raw_seq = await pipe.execute()
+        epoch = None if raw_epoch is None else int(raw_epoch)
+        seq = int(raw_seq or 0)
+        high = max(self._high, *self._last_id.values(), 0)
+        known = self._epoch
+        if epoch is None or seq < high:
+            epoch = int(await self._history_script(
+                keys=[self._seq_key, self._epoch_key],
+                args=[high, new_history_base(time.time())]))
+            # Events stored after the sequence went back are new: deliver them.
+            start = dict.fromkeys(self._last_id, seq)
+            lost = known is not None or seq < high
+            reason = f"the store's sequence went back from {high} to {seq}"
+        else:
+            # Ids of another history start above its epoch; what was delivered live
+            # of it already (a check while connected) is not sent again.
+            start = {c: max(epoch, i) for c, i in self._last_id.items()}
+            lost = known is not None and epoch != known
+            reason = f"the store holds another history (epoch {known} is now {epoch})"
+        self._epoch = epoch
+        if not lost:
+            return False
+        log.warning("redis: stored history lost: %s; streams of %d channels get a reset",
+                    reason, len(self._last_id))
+        self._high = 0
+        self._last_id.update(start)
+        self.on_reset(sorted(self._last_id), epoch)
+        return True
+
     async def _fill_gaps(self, channels: Sequence[str]) -> None:
         """After a (re)connect, deliver what was published while we were away."""
         for channel in channels:
@@ -294,12 +412,12 @@ class RedisBroker(Broker):
         bound by round trips, not CPU).
         """
         now = time.time()
-        keys = [f"{self.prefix}seq", self._stream_key(channel)]
+        keys = [self._seq_key, self._stream_key(channel), self._epoch_key]
         if idempotency_key is not None:
             keys.append(f"{self.prefix}idem:{idempotency_key}")
         args = [self._pubsub_channel(channel), event or "", data, repr(now),
                 self.config.retention_events, self.config.retention_seconds * 1000,
-                repr(now - self.config.retention_seconds)]
+                repr(now - self.config.retention_seconds), new_history_base(now)]
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((keys, args, waiter))
         if self._flusher is None or self._flusher.done():
@@ -351,16 +469,21 @@ class RedisBroker(Broker):
 
     async def _replay(self, channels: Sequence[str], after: int) -> Replay:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(f"{self.prefix}seq")
+            pipe.get(self._seq_key)
+            pipe.get(self._epoch_key)
             for channel in channels:
                 pipe.xinfo_stream(self._stream_key(channel))
             results = await pipe.execute(raise_on_error=False)
-        if isinstance(results[0], Exception):
-            raise results[0]
+        for result in results[:2]:
+            if isinstance(result, Exception):
+                raise result
         head = int(results[0] or 0)
+        epoch = int(results[1] or 0)
         if after > head:
             return Replay(reset=True, head=head)
-        for info in results[1:]:
+        if 0 < after < epoch:
+            return Replay(reset=True, head=head, reason="history lost")
+        for info in results[2:]:
             if isinstance(info, Exception):
                 continue  # no such stream: nothing retained, nothing deleted
             deleted = info.get("max-deleted-entry-id") or b"0-0"
