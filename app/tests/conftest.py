@@ -150,6 +150,15 @@ def caddy(stack: tuple[Hub, Nginx], tmp_path_factory: pytest.TempPathFactory) ->
         yield server
 
 
+@pytest.fixture(params=["nginx", "caddy"])
+def proxy(request: pytest.FixtureRequest, stack: tuple[Hub, Nginx]) -> Nginx | Caddy:
+    """The stack's hub behind nginx (templates/nginx) or Caddy (templates/caddy)."""
+    if request.param == "nginx":
+        return stack[1]
+    caddy: Caddy = request.getfixturevalue("caddy")
+    return caddy
+
+
 @pytest.fixture(scope="session")
 def django_db(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """In-process Django on a throwaway SQLite database."""

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from conftest import SECRET, base_env, fresh_database
 from httpx_sse import aconnect_sse
-from servers import Caddy, Hub, Nginx, Postgres, Redis
+from servers import Hub, Postgres, Redis
 
 from ssehub import tokens
 
@@ -33,15 +33,6 @@ def token(publish: list[str] | None = None, subscribe: list[str] | None = None,
 
 def auth(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
-
-
-@pytest.fixture(params=["nginx", "caddy"])
-def proxy(request: pytest.FixtureRequest, stack: tuple[Hub, Nginx]) -> Nginx | Caddy:
-    """The stack's hub behind nginx (templates/nginx) or Caddy (templates/caddy)."""
-    if request.param == "nginx":
-        return stack[1]
-    caddy: Caddy = request.getfixturevalue("caddy")
-    return caddy
 
 
 @pytest.fixture

@@ -299,10 +299,12 @@ def bench_nginx(directory: Path, upstream: str, workers: int) -> Nginx:
     """
     directory.mkdir(parents=True, exist_ok=True)
     locations = directory / "locations.conf"
-    locations.write_text((ROOT / "templates/nginx/ssehub-locations.conf").read_text()
-                         .replace("limit_conn ssehub_streams 64;",
-                                  "limit_conn ssehub_streams 60000;")
-                         .replace("limit_req zone=ssehub_publish burst=200 nodelay;", ""))
+    snippet = (ROOT / "templates/nginx/ssehub-locations.conf").read_text()
+    snippet, raised = re.subn(r"limit_conn ssehub_streams \d+;",
+                              "limit_conn ssehub_streams 60000;", snippet)
+    if raised != 1:  # a silent miss would turn the load into 15-30 s retry streams
+        raise SystemExit("bench: the stream location lost its limit_conn ssehub_streams")
+    locations.write_text(snippet.replace("limit_req zone=ssehub_publish burst=200 nodelay;", ""))
     return Nginx(directory, [upstream], locations=locations, workers=workers,
                  worker_connections=65536 if workers == 1 else 16384)
 

@@ -31,6 +31,13 @@ from typing import Any
 
 FIRST_BYTES_SECONDS = 2.0
 BODY_EXCERPT_CHARS = 200
+# The comments of the proxy snippets' retry streams (a 200 text/event-stream with
+# only ``retry:``, so that browsers reconnect): what each says about the hop.
+RETRY_STREAMS = {
+    b": ssehub unavailable, retry": "the proxy reached no app server (502/503/504 behind it)",
+    b": too many streams from this address": "the proxy's stream limit per address (429 "
+                                             "behind it)",
+}
 
 
 def _excerpt(body: bytes) -> str:
@@ -200,6 +207,10 @@ def probe(url: str, token: str, *, channel: str | None = None, timeout: float = 
                                          f"{FIRST_BYTES_SECONDS:.0f} s: the proxy buffers the "
                                          "stream (nginx: proxy_buffering off; Caddy flushes "
                                          "text/event-stream unless a CDN or filter sits between)")
+        for comment, meaning in RETRY_STREAMS.items():
+            if comment in buffer.split(b"\n\n", 1)[0].splitlines():
+                raise HopFailed("proxy status", f"GET {base}/events/ answered a retry stream "
+                                                f"({comment.decode()!r}): {meaning}")
         sent = time.monotonic()
         event_id = _publish(parts, base, publish_token or token, channel, marker, timeout,
                             insecure, target)

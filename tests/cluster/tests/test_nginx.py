@@ -96,6 +96,8 @@ def running(host, _nginx_only):
         ("ssehub-locations.conf", STREAM, "proxy_next_upstream_tries"),
         ("ssehub-locations.conf", STREAM, "proxy_read_timeout"),
         ("ssehub-locations.conf", STREAM, "gzip"),
+        ("ssehub-locations.conf", STREAM, "proxy_intercept_errors"),
+        ("ssehub-locations.conf", STREAM, "error_page"),
         ("ssehub-locations.conf", PUBLISH, "limit_req"),
         ("ssehub-locations.conf", PUBLISH, "limit_req_status"),
         ("ssehub-locations.conf", PUBLISH, "client_max_body_size"),
