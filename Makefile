@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := redis-server postgresql pgbouncer nginx caddy curl chromium
+DEBIAN_PACKAGES := redis-server postgresql pgbouncer nginx caddy curl chromium iptables
 
 .PHONY: help deps venv up-local down-local test lint test-app bench wheel
 

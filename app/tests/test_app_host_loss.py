@@ -1,0 +1,239 @@
+"""An app host that vanishes costs publishing almost nothing (issue 13, part 3).
+
+A host that is lost (power, kernel panic, a cut network) sends no FIN and no
+RST: connects to it wait for a SYN-ACK that never comes, and requests on
+connections already open wait for an answer. Regression: nginx's /publish/ kept
+the default 60 s connect timeout and passed a connect timeout on to no other
+server, and Caddy dialled for its default 3 s, longer than its try duration,
+with no passive health check: publishes routed to the lost host hung or failed
+until it was back, and the rate fell to about 40 %.
+
+Two real hubs behind nginx or Caddy with the snippets from templates/; the loss
+is one hub's port dropping every packet both ways (iptables on the loopback
+interface: the kernel drops them, as a lost host's network does). Publishes are
+scheduled at 20 per second, each in its own request as an app backend sends
+them, with an Idempotency-Key and a retry on failure. Streams read like an
+EventSource: on an ended stream they reconnect after ``retry:`` with their last
+id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import SECRET, base_env
+from httpx_sse import aconnect_sse
+from servers import Caddy, Hub, Nginx, Redis, running
+
+from ssehub import tokens
+
+pytestmark = pytest.mark.asyncio
+
+RATE = 20  # publishes per second
+BEFORE, OUTAGE, AFTER = 3.0, 8.0, 2.0  # seconds of the publishing run
+STREAMS = 6  # open before the loss (the proxy spreads them over both hubs)
+# Bounds: a publish acknowledged this long after it was scheduled counts for the
+# rate; a new stream answers its headers within this; streams have every event
+# this long after the run.
+ON_TIME_SECONDS = 2.0
+STREAM_OPENS_SECONDS = 2.0
+CATCH_UP_SECONDS = 30.0
+KEPT_RATE = 0.9  # the issue's bound: at least 90 % of the rate during the loss
+
+
+class Lost:
+    """Drop every packet to and from a loopback port (both ways, open connections
+    too) until ``restore()``: what a proxy sees of a host that vanished."""
+
+    def __init__(self, port: int) -> None:
+        self.rules = [["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), "-j", "DROP"],
+                      ["INPUT", "-i", "lo", "-p", "tcp", "--sport", str(port), "-j", "DROP"]]
+        self.active = False
+
+    def vanish(self) -> None:
+        for rule in self.rules:
+            subprocess.run(["iptables", "-w", "5", "-I", *rule], check=True, timeout=10)
+        self.active = True
+
+    def restore(self) -> None:
+        if self.active:
+            for rule in self.rules:
+                subprocess.run(["iptables", "-w", "5", "-D", *rule], check=True, timeout=10)
+            self.active = False
+
+
+@pytest.fixture(scope="module")
+def hubs(redis_server: Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Hub]]:
+    directory = tmp_path_factory.mktemp("hostloss")
+    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="hostloss:",
+                   SSEHUB_HEARTBEAT="1", SSEHUB_PUBLIC_CHANNELS="public.*",
+                   SSEHUB_DATA_DIR=str(directory))
+    subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
+                   env={**os.environ, **env}, check=True, timeout=120)
+    with running(Hub(directory, env)) as first, running(Hub(directory, env)) as second:
+        yield [first, second]
+
+
+@pytest.fixture(params=["nginx", "caddy"])
+def proxy(request: pytest.FixtureRequest, hubs: list[Hub], tmp_path: Path
+          ) -> Iterator[Nginx | Caddy]:
+    ports = [hub.port for hub in hubs]
+    server = Nginx(tmp_path, ports) if request.param == "nginx" else Caddy(tmp_path, ports)
+    with running(server):
+        yield server
+
+
+class Reader:
+    """An EventSource: ids in the order they arrived, reconnecting with the last one.
+    (httpx_sse also yields a blank line after a comment, with the last id: skipped.)"""
+
+    def __init__(self, client: httpx.AsyncClient, url: str) -> None:
+        self.client, self.url = client, url
+        self.ids: list[int] = []
+        self.connected = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        retry = 1.0
+        while True:
+            headers = {"Last-Event-ID": str(self.ids[-1])} if self.ids else {}
+            with contextlib.suppress(httpx.HTTPError):
+                async with aconnect_sse(self.client, "GET", self.url, headers=headers) as source:
+                    assert source.response.status_code == 200, source.response.status_code
+                    self.connected.set()
+                    async for sse in source.aiter_sse():
+                        if sse.retry is not None:
+                            retry = sse.retry / 1000
+                        if sse.id and sse.data:
+                            self.ids.append(int(sse.id))
+            await asyncio.sleep(retry)
+
+
+async def publish(client: httpx.AsyncClient, url: str, channel: str, seq: int,
+                  scheduled: float, stop_at: float) -> tuple[int, float, int]:
+    """One publish, retried with its Idempotency-Key; (id, seconds after schedule, tries)."""
+    headers = {"Authorization": f"Bearer {tokens.mint(SECRET, publish=[channel])}",
+               "Idempotency-Key": uuid.uuid4().hex}
+    tries = 0
+    while True:
+        tries += 1
+        with contextlib.suppress(httpx.HTTPError):
+            answer = await client.post(f"{url}/publish/", headers=headers, timeout=10,
+                                       json={"channel": channel, "data": f"e{seq}"})
+            if answer.status_code == 201:
+                return int(answer.json()["id"]), time.monotonic() - scheduled, tries
+            assert answer.status_code in (429, 502, 503, 504), (answer.status_code, answer.text)
+        assert time.monotonic() < stop_at, f"publish e{seq} never went through"
+        await asyncio.sleep(0.2)
+
+
+async def open_time(client: httpx.AsyncClient, url: str, channel: str) -> float:
+    """Seconds until a new stream's 200 text/event-stream headers arrive."""
+    started = time.monotonic()
+    async with client.stream("GET", f"{url}/events/?channel={channel}",
+                             timeout=STREAM_OPENS_SECONDS + 8) as answer:
+        assert answer.status_code == 200, answer.status_code
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        took = time.monotonic() - started
+        body = b""
+        async for chunk in answer.aiter_bytes():
+            body += chunk
+            break
+    assert not body.startswith(b"retry:") or b"unavailable" not in body, (took, body)
+    return took
+
+
+@contextlib.asynccontextmanager
+async def readers(url: str, channel: str) -> AsyncIterator[list[Reader]]:
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None), limits=limits) as client:
+        opened = [Reader(client, f"{url}/events/?channel={channel}") for _ in range(STREAMS)]
+        try:
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(r.connected.wait() for r in opened))
+            yield opened
+        finally:
+            for reader in opened:
+                reader.task.cancel()
+            await asyncio.gather(*(r.task for r in opened), return_exceptions=True)
+
+
+async def test_publishing_keeps_its_rate_while_an_app_host_is_lost(
+        proxy: Nginx | Caddy, hubs: list[Hub]) -> None:
+    lost = Lost(hubs[0].port)
+    channel = f"public.hostloss-{uuid.uuid4().hex[:8]}"
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=20)
+    try:
+        async with readers(proxy.url, channel) as streams, \
+                httpx.AsyncClient(limits=limits) as client:
+            start = time.monotonic()
+            total = BEFORE + OUTAGE + AFTER
+            stop_at = start + total + CATCH_UP_SECONDS
+            tasks = []
+            opening = []
+            for seq in range(int(total * RATE)):
+                scheduled = start + seq / RATE
+                now = time.monotonic()
+                if scheduled > now:
+                    await asyncio.sleep(scheduled - now)
+                if seq == int(BEFORE * RATE):
+                    await asyncio.to_thread(lost.vanish)
+                if seq == int((BEFORE + OUTAGE) * RATE):
+                    await asyncio.to_thread(lost.restore)
+                if int(BEFORE * RATE) < seq < int((BEFORE + OUTAGE) * RATE) and seq % RATE == 0:
+                    opening.append(asyncio.create_task(open_time(client, proxy.url, channel)))
+                tasks.append(asyncio.create_task(publish(client, proxy.url, channel, seq,
+                                                         scheduled, stop_at)))
+            results = await asyncio.gather(*tasks)
+            opens = await asyncio.gather(*opening)
+            ids = [result[0] for result in results]
+            deadline = time.monotonic() + CATCH_UP_SECONDS
+            while (any(len(set(r.ids) & set(ids)) < len(ids) for r in streams)
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.2)
+            got = [r.ids for r in streams]
+            replayed = await stored(client, proxy.url, channel)
+    finally:
+        await asyncio.to_thread(lost.restore)
+
+    during = results[int(BEFORE * RATE):int((BEFORE + OUTAGE) * RATE)]
+    on_time = sum(1 for _, late, _ in during if late <= ON_TIME_SECONDS) / len(during)
+    slowest = max(late for _, late, _ in during)
+    retried = sum(1 for *_, tries in results if tries > 1)
+    print(f"\napp host lost for {OUTAGE:.0f} s ({type(proxy).__name__}): "
+          f"{on_time:.0%} of {len(during)} publishes on time (<= {ON_TIME_SECONDS} s), "
+          f"slowest {slowest:.2f} s, {retried} retried; new streams opened in "
+          f"{max(opens):.2f} s at most; every stream got {min(len(g) for g in got)} "
+          f"of {len(ids)}")
+    assert on_time >= KEPT_RATE, f"only {on_time:.0%} of the publishes went through in time"
+    assert len(set(ids)) == len(ids), "two publishes got one id"
+    assert sorted(replayed) == sorted(ids), "the store does not hold each publish once"
+    assert max(opens) <= STREAM_OPENS_SECONDS, f"a new stream took {max(opens):.1f} s"
+    for ids_of_stream in got:
+        assert ids_of_stream == sorted(ids), (
+            f"a stream got {len(ids_of_stream)} of {len(ids)}, "
+            f"{len(ids_of_stream) - len(set(ids_of_stream))} twice")
+
+
+async def stored(client: httpx.AsyncClient, url: str, channel: str) -> list[int]:
+    """The ids the store holds for the channel (a replay from 0), each as often as stored."""
+    ids: list[int] = []
+    async with aconnect_sse(client, "GET", f"{url}/events/?channel={channel}",
+                            headers={"Last-Event-ID": "0"}, timeout=10) as source:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                async for sse in source.aiter_sse():
+                    if sse.id and sse.data:
+                        ids.append(int(sse.id))
+    return ids
+
