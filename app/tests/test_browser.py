@@ -1,6 +1,7 @@
 """A real browser: headless Chromium (Debian's ``chromium``) driven by Playwright,
 against ``ssehub serve`` (gunicorn, uvicorn workers, Redis) behind nginx with the
-templates/nginx snippets, TLS and HTTP/2 on loopback.
+templates/nginx snippets, TLS and HTTP/2 on loopback (and, for the restart of the
+only app host, Caddy with templates/caddy on the hub's Unix socket).
 
 Nothing here skips: without chromium or playwright these tests fail (CI installs
 both; `make deps` and `.ci/run` apt-install chromium, the test extra has playwright).
@@ -15,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +24,17 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 from conftest import SECRET, base_env, fresh_database
-from servers import Hub, Nginx, Postgres, Redis, running, self_signed_certificate, wait_for
+from servers import (
+    Caddy,
+    Hub,
+    Nginx,
+    Postgres,
+    Redis,
+    running,
+    self_signed_certificate,
+    stop,
+    wait_for,
+)
 
 from ssehub import tokens
 
@@ -254,3 +266,102 @@ def test_eight_tabs_over_http1_wait_for_the_six_connection_limit(tls_stack, brow
     logged = [line.split() for line in stream_requests(tls_stack.h1, "public.h1tab", 7)]
     assert len(logged) == 7 and all(fields[:2] == ["HTTP/1.1", "200"] for fields in logged)
     assert len({fields[3] for fields in logged}) == 7, "one connection per stream"
+
+
+# -- the only app host restarts (issue 13, part 5) ---------------------------------
+
+# How long the hub stays down: longer than Caddy keeps trying the dial of a
+# stream (lb_try_duration 5s), so that through both proxies the browser's
+# first reconnect finds no app server (the retry stream) and comes back again.
+DOWN_SECONDS = 7.0
+RESTART_OPEN = """(url) => {
+  window.got = []; window.states = []; window.marker = 'not reloaded';
+  window.source = new EventSource(url);
+  window.source.onmessage = (e) => { window.got.push([e.lastEventId, e.data]); };
+  window.source.onerror = () => { window.states.push(window.source.readyState); };
+}"""
+
+
+@pytest.fixture(scope="module", params=["nginx", "caddy"])
+def single_host(request: pytest.FixtureRequest, redis_server: Redis,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hub, Nginx | Caddy]]:
+    """The single-host layout: the proxy reaches the only hub over its Unix socket.
+    nginx with TLS and HTTP/2 (as the role serves it); Caddy over plain HTTP."""
+    from test_proxy_retry import CaddyOnSocket
+
+    directory = tmp_path_factory.mktemp(f"single-{request.param}")
+    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="single:",
+                   SSEHUB_HEARTBEAT="5", SSEHUB_PUBLIC_CHANNELS="public.*",
+                   SSEHUB_DATA_DIR=str(directory))
+    subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
+                   env={**os.environ, **env}, check=True, timeout=120)
+    hub = Hub(directory, env, unix_socket=True)
+    assert hub.socket is not None
+    proxy: Nginx | Caddy
+    if request.param == "nginx":
+        proxy = Nginx(directory / "nginx", [hub.bind], tls=self_signed_certificate(directory),
+                      http2=True)
+        (directory / "nginx").mkdir()
+    else:
+        proxy = CaddyOnSocket(directory / "caddy", hub.socket)
+    with running(hub), running(proxy):
+        yield hub, proxy
+
+
+def restart(hub: Hub, down: float) -> None:
+    """Stop the hub as systemd does (SIGTERM: it drains), leave it down, start it."""
+    assert hub.process is not None
+    stop(hub.process, timeout=30)
+    time.sleep(down)
+    hub.start()
+
+
+def test_a_page_rides_out_a_restart_of_the_only_app_host(single_host, browser) -> None:  # type: ignore[no-untyped-def]
+    """While the only hub is down, the proxy answers the stream with a 200 retry
+    stream, not a 502 (which would close EventSource for good); the page reconnects
+    by itself with its Last-Event-ID and gets what was published meanwhile."""
+    hub, proxy = single_host
+    channel = f"public.restart-{type(proxy).__name__.lower()}"
+    verify = False  # the nginx stack's self-signed certificate
+    with httpx.Client(verify=verify, timeout=10) as http:
+        def publish(data: str) -> str:
+            """As a careful publisher: a 502/503 (Caddy's health check has not seen the
+            hub back yet) is sent again with the same Idempotency-Key."""
+            token = tokens.mint(SECRET, publish=[channel], subscribe=[], ttl=300)
+            headers = {"Idempotency-Key": uuid.uuid4().hex, "Authorization": f"Bearer {token}"}
+            deadline = time.monotonic() + 10
+            while True:
+                answer = http.post(f"{proxy.url}/publish/", headers=headers,
+                                   json={"channel": channel, "data": data})
+                if answer.status_code not in (502, 503) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert answer.status_code == 201, answer.text
+            event_id: str = answer.json()["id"]
+            return event_id
+
+        context = browser.new_context(ignore_https_errors=True)
+        try:
+            page = context.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(proxy.url + "/healthz")
+            page.evaluate(RESTART_OPEN, f"/events/?channel={channel}")
+            page.wait_for_function("window.source.readyState === EventSource.OPEN")
+            sent = [(publish(f"before {i}"), f"before {i}") for i in range(3)]
+            page.wait_for_function("window.got.length === 3")
+            restart(hub, DOWN_SECONDS)
+            # Published before the page is back: it gets them by replay.
+            sent += [(publish(f"after {i}"), f"after {i}") for i in range(3)]
+            page.wait_for_function("window.got.length >= 6")
+            sent.append((publish("live"), "live"))
+            page.wait_for_function("window.got.length >= 7")
+            time.sleep(0.5)  # a repeat would show
+            got = [tuple(item) for item in page.evaluate("window.got")]
+            states = page.evaluate("window.states")
+            assert page.evaluate("window.marker") == "not reloaded"
+            assert page.evaluate("window.source.readyState") == 1, states
+        finally:
+            context.close()
+    assert 2 not in states, f"EventSource was closed for good: readyState {states}"
+    assert states, "the page never saw the restart"
+    assert got == sent, f"the page got {got}"
