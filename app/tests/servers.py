@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -226,6 +227,21 @@ class Postgres:
             shutil.rmtree(self.dir.parent, ignore_errors=True)
 
 
+def locations_for_load(directory: Path) -> Path:
+    """templates/nginx/ssehub-locations.conf with the per-address limits lifted: a
+    load from one loopback address stands in for many clients (the benchmark, the
+    reconnect storm)."""
+    snippet = (TEMPLATES / "nginx/ssehub-locations.conf").read_text()
+    snippet, raised = re.subn(r"limit_conn ssehub_streams \d+;",
+                              "limit_conn ssehub_streams 60000;", snippet)
+    if raised != 1:  # a silent miss would turn the load into 15-30 s retry streams
+        raise RuntimeError("the stream location lost its limit_conn ssehub_streams")
+    directory.mkdir(parents=True, exist_ok=True)
+    locations = directory / "locations-for-load.conf"
+    locations.write_text(snippet.replace("limit_req zone=ssehub_publish burst=200 nodelay;", ""))
+    return locations
+
+
 class Nginx:
     """nginx on loopback with the snippets from templates/nginx, as ops include them."""
 
@@ -402,7 +418,7 @@ class Hub:
     """``ssehub serve`` (gunicorn + uvicorn workers) as users run it."""
 
     def __init__(self, directory: Path, env: dict[str, str], workers: int = 1,
-                 unix_socket: bool = False) -> None:
+                 unix_socket: bool = False, tcp_too: bool = False) -> None:
         self.dir = directory
         self.port = free_port()
         self.env = {**os.environ, **env}
@@ -413,6 +429,9 @@ class Hub:
         # unix_socket: listen on a Unix socket (a proxy on the same host) instead of TCP,
         # in a directory nginx's unprivileged workers can traverse.
         self.socket: Path | None = None
+        # tcp_too: on the Unix socket and on 127.0.0.1:port, as the role's hub does
+        # (the proxy's backup path, the deploy's checks).
+        self.tcp_too = tcp_too
         if unix_socket:
             socket_dir = Path(tempfile.mkdtemp(prefix="ssehub-sock-"))
             socket_dir.chmod(0o755)
@@ -427,6 +446,7 @@ class Hub:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ssehub.cli", "serve", "--bind", self.bind,
+                 *(["--bind", f"127.0.0.1:{self.port}"] if self.tcp_too else []),
                  "--workers", str(self.workers)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._ready, what=f"hub (log: {self.log})")

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "app" / "tests"))
 
-from servers import Hub, Nginx, Redis  # noqa: E402
+from servers import Hub, Nginx, Redis, locations_for_load  # noqa: E402
 from ssehub import tokens  # noqa: E402
 
 FRAME = re.compile(rb"id: (\d+)\ndata: ([0-9.]+)\n\n")
@@ -297,14 +297,7 @@ def bench_nginx(directory: Path, upstream: str, workers: int) -> Nginx:
     comparison); four for the idle scenario, whose 38,000 connections do not fit
     one worker under the 20,000 open-files cap.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    locations = directory / "locations.conf"
-    snippet = (ROOT / "templates/nginx/ssehub-locations.conf").read_text()
-    snippet, raised = re.subn(r"limit_conn ssehub_streams \d+;",
-                              "limit_conn ssehub_streams 60000;", snippet)
-    if raised != 1:  # a silent miss would turn the load into 15-30 s retry streams
-        raise SystemExit("bench: the stream location lost its limit_conn ssehub_streams")
-    locations.write_text(snippet.replace("limit_req zone=ssehub_publish burst=200 nodelay;", ""))
+    locations = locations_for_load(directory)
     return Nginx(directory, [upstream], locations=locations, workers=workers,
                  worker_connections=65536 if workers == 1 else 16384)
 

@@ -76,6 +76,9 @@ Tokens are valid for 24 h; mint more with `ssehub token`. Stop with Ctrl-C.""", 
                 timeout_graceful_shutdown=int(config.drain_seconds) or 1)
 
 
+BACKLOG = 65535
+
+
 def _serve_gunicorn(config: conf.Config, binds: list[str], workers: int | None) -> None:
     from gunicorn.app.base import BaseApplication
 
@@ -97,6 +100,11 @@ def _serve_gunicorn(config: conf.Config, binds: list[str], workers: int | None) 
         "workers": count,
         "worker_class": "ssehub.worker.HubWorker",
         "keepalive": config.keepalive,
+        # Connections waiting to be accepted, per listening socket (the kernel caps it
+        # at net.core.somaxconn, which the common role raises). A reconnect storm
+        # (every browser back within the retry window) overflows gunicorn's 2,048,
+        # and on a Unix socket an overflow is an immediate error for the proxy.
+        "backlog": BACKLOG,
         # SIGTERM: the hub drains within SSEHUB_DRAIN_SECONDS; gunicorn kills after this.
         "graceful_timeout": int(config.drain_seconds) + 5,
         "timeout": 30,
