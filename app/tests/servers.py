@@ -238,7 +238,10 @@ def locations_for_load(directory: Path) -> Path:
         raise RuntimeError("the stream location lost its limit_conn ssehub_streams")
     directory.mkdir(parents=True, exist_ok=True)
     locations = directory / "locations-for-load.conf"
-    locations.write_text(snippet.replace("limit_req zone=ssehub_publish burst=200 nodelay;", ""))
+    snippet, lifted = re.subn(r"limit_req zone=ssehub_publish burst=\d+ nodelay;", "", snippet)
+    if lifted != 1:
+        raise RuntimeError("the publish location lost its limit_req zone=ssehub_publish")
+    locations.write_text(snippet)
     return locations
 
 
