@@ -189,11 +189,12 @@ def _render_layout(tmp_path: Path, hosts: dict[str, list[str]]) -> dict[str, dic
 
 def test_single_host_proxy_reaches_its_hub_over_the_unix_socket(tmp_path: Path) -> None:
     """Proxy and hub on one host: the hub binds the socket and TCP on
-    loopback; nginx and Caddy name the socket, nothing else."""
+    loopback; nginx and Caddy name the socket, and nginx backs it up with that
+    TCP listener (a full socket backlog fails a connect at once)."""
     sse1 = _render_layout(tmp_path, LAYOUTS["single-host"])["sse1"]
     assert sse1["ssehub_unix_socket"] == SOCKET
     assert sse1["__ssehub_binds"] == [f"unix:{SOCKET}", "127.0.0.1:8000"]
-    assert sse1["nginx_upstream_servers"] == [f"unix:{SOCKET}"]
+    assert sse1["nginx_upstream_servers"] == [f"unix:{SOCKET}", "127.0.0.1:8000 backup"]
     assert sse1["caddy_upstream_servers"] == [f"unix/{SOCKET}"]
 
 
