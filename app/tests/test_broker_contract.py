@@ -107,6 +107,21 @@ async def test_idempotency_key_stores_once(hub: Hub) -> None:
     assert [getattr(i, "repeat", False) for i in (first, again, other)] == [False, True, False]
 
 
+async def test_idempotency_key_of_another_channel_does_not_swallow_the_event(hub: Hub) -> None:
+    """Keys were global: tenant B's publish with tenant A's key got A's id back and
+    B's event was never stored. A key is scoped by its channel."""
+    mine = await hub.broker.publish("tenantA.orders", "a", idempotency_key="order-42")
+    theirs = await hub.broker.publish("tenantB.news", "b", idempotency_key="order-42")
+    assert mine != theirs and not getattr(theirs, "repeat", False)
+    assert [e.data for e in (await hub.broker.replay(["tenantB.news"], 0)).events] == ["b"]
+    # where the channel ends and the key begins is never ambiguous
+    colon = await hub.broker.publish("tenantA.orders:x", "c", idempotency_key="order-42")
+    keyed = await hub.broker.publish("tenantA.orders", "d", idempotency_key="x:order-42")
+    assert len({mine, theirs, colon, keyed}) == 4
+    again = await hub.broker.publish("tenantA.orders", "a", idempotency_key="order-42")
+    assert again == mine and again.repeat
+
+
 @pytest.mark.parametrize("data", [
     "line one\nline two", "trailing newline\n", "\n", "", "it's \"quoted\"; DROP TABLE x; --",
     "paragraph\u2028separator", "x" * 60000,

@@ -36,6 +36,13 @@ def validate(name: object) -> str:
     return name
 
 
+def scoped_key(channel: str, key: str) -> str:
+    """The stored form of an Idempotency-Key: the publisher's key within its channel,
+    so a key another tenant used never answers for this one. "/" ends the channel:
+    no channel name holds one, so no two (channel, key) pairs meet."""
+    return f"{channel}/{key}"
+
+
 def validate_pattern(pattern: str) -> str:
     """Return ``pattern`` if it can match channel names, else raise InvalidChannel."""
     if not _PATTERN.fullmatch(pattern):

@@ -11,6 +11,9 @@ from . import channels
 MAX_EVENT_NAME = 64
 MISSING: Any = object()  # no "data" field at all (JSON null is a value: data "null")
 MAX_IDEMPOTENCY_KEY = 200
+# Event names the hub sends itself and clients act on: "reset" (stream.py, a
+# Last-Event-ID it cannot replay; hub.py, a lost history). A publisher may not forge them.
+RESERVED_EVENTS = frozenset({"reset"})
 
 
 class PublishError(ValueError):
@@ -45,6 +48,12 @@ def prepare(channel: Any, data: Any, event: Any = None, idempotency_key: Any = N
             raise PublishError("event must not contain CR or LF")
         if "\0" in event:
             raise PublishError("event must not contain NUL (U+0000)")
+        if event in RESERVED_EVENTS:
+            raise PublishError(f"event {event!r} is reserved: the hub sends it itself")
+        try:
+            event.encode()  # the brokers fail on it below the API otherwise
+        except UnicodeEncodeError:
+            raise PublishError("event is not valid Unicode (lone surrogate)") from None
     if data is MISSING:
         raise PublishError("data is required (a string or any JSON value)")
     if not isinstance(data, str):  # JSON null included: data "null"

@@ -21,13 +21,13 @@ A6); ``Cache-Control: no-cache`` (A7) and ``X-Accel-Buffering: no`` (A1).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs
+
+from django.http.cookie import parse_cookie
 
 from . import channels, conf, sse, tokens
 from .brokers import BrokerUnavailable
@@ -81,11 +81,9 @@ def bearer_token(authorization: str | None, query_token: str | None,
     if query_token:
         return query_token
     if cookie_header:
-        cookie: SimpleCookie = SimpleCookie()
-        with contextlib.suppress(CookieError):
-            cookie.load(cookie_header)
-            if COOKIE_NAME in cookie:
-                return cookie[COOKIE_NAME].value
+        # As browsers send them: a sibling cookie that is not RFC 6265 (a space, UTF-8,
+        # JSON) must not hide ours, and SimpleCookie dropped every cookie for one.
+        return parse_cookie(cookie_header).get(COOKIE_NAME) or None
     return None
 
 

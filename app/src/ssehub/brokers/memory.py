@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from ..channels import scoped_key
 from ..sse import Event
 from . import Broker, Published, Replay
 
@@ -49,6 +50,7 @@ class MemoryBroker(Broker):
                       idempotency_key: str | None = None) -> int:
         now = time.time()
         if idempotency_key is not None:
+            idempotency_key = scoped_key(channel, idempotency_key)
             known = self._idempotency.get(idempotency_key)
             if known and known[1] > now:
                 return Published.earlier(known[0])

@@ -32,6 +32,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from ..channels import scoped_key
 from ..conf import postgres_conninfo
 from ..sse import Event
 from . import Broker, BrokerUnavailable, Published, Replay
@@ -270,6 +271,8 @@ class PostgresBroker(Broker):
     async def publish(self, channel: str, data: str, event: str | None = None,
                       idempotency_key: str | None = None) -> int:
         now = time.time()
+        if idempotency_key is not None:
+            idempotency_key = scoped_key(channel, idempotency_key)
         try:
             await self.ensure_schema()
             async with self.pool.connection() as conn, conn.transaction():

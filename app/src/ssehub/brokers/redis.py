@@ -45,6 +45,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, NoScriptError, RedisError
 
+from ..channels import scoped_key
 from ..sse import Event
 from . import Broker, BrokerUnavailable, Published, Replay
 
@@ -65,6 +66,8 @@ HISTORY_CHECK_SECONDS = 5.0
 # so JavaScript numbers hold it exactly; a history overlaps a later one only if
 # it averaged more than a million events a second over its life.
 ID_BASE_PER_SECOND = 1_000_000
+# A publish waiting for the next pipeline: KEYS, ARGV and the caller's future.
+Queued = tuple[list[str], list[Any], asyncio.Future[int]]
 
 # KEYS: seq, stream, epoch[, idempotency key] (no fourth key without one: an ACL
 # that allows only ~ssehub:* refuses an empty key name)
@@ -161,7 +164,7 @@ class RedisBroker(Broker):
         self._script = self.redis.register_script(PUBLISH_SCRIPT)
         self._history_script = self.redis.register_script(HISTORY_SCRIPT)
         self._script_ready = False
-        self._queue: list[tuple[list[str], list[Any], asyncio.Future[int]]] = []
+        self._queue: list[Queued] = []
         self._flusher: asyncio.Task[None] | None = None
         self._channels: set[str] = set()
         self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
@@ -414,7 +417,7 @@ class RedisBroker(Broker):
         now = time.time()
         keys = [self._seq_key, self._stream_key(channel), self._epoch_key]
         if idempotency_key is not None:
-            keys.append(f"{self.prefix}idem:{idempotency_key}")
+            keys.append(f"{self.prefix}idem:{scoped_key(channel, idempotency_key)}")
         args = [self._pubsub_channel(channel), event or "", data, repr(now),
                 self.config.retention_events, self.config.retention_seconds * 1000,
                 repr(now - self.config.retention_seconds), new_history_base(now)]
@@ -422,33 +425,56 @@ class RedisBroker(Broker):
         self._queue.append((keys, args, waiter))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return await waiter
+        # Bounded whatever happens below: a caller that gives up here is 503 like a
+        # lost reply (it may have been stored; it retries with its Idempotency-Key).
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
+                return await waiter
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"redis: no answer within {COMMAND_TIMEOUT_SECONDS:g}s") from None
 
     async def _flush(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                await self._script_loaded()
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
-                        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                    results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                results = [exc] * len(batch)
-            if any(isinstance(r, NoScriptError) for r in results):
-                # Redis restarted and lost its script cache: nothing ran; load it, resend.
-                self._script_ready = False
-                self._queue = batch + self._queue
+                await self._flush_batch(batch)
+            except Exception as exc:
+                # A bug, or input the API let through: the batch gets 503 and the
+                # flusher goes on. Dying here left every caller of the batch waiting.
+                log.exception("redis publish batch failed")
+                for _, _, waiter in batch:
+                    if not waiter.done():
+                        waiter.set_exception(BrokerUnavailable(f"redis: {exc!r}"))
+
+    async def _flush_batch(self, batch: list[Queued]) -> None:
+        try:
+            await self._script_loaded()
+            # A caller that timed out before its pipeline was built was told 503:
+            # it is not sent.
+            batch = [item for item in batch if not item[2].done()]
+            if not batch:
+                return
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args, _ in batch:
+                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            results = [exc] * len(batch)
+        if any(isinstance(r, NoScriptError) for r in results):
+            # Redis restarted and lost its script cache: nothing ran; load it, resend.
+            self._script_ready = False
+            self._queue = batch + self._queue
+            return
+        for (_, _, waiter), result in zip(batch, results, strict=True):
+            if waiter.done():
                 continue
-            for (_, _, waiter), result in zip(batch, results, strict=True):
-                if waiter.done():
-                    continue
-                if isinstance(result, BaseException):
-                    waiter.set_exception(BrokerUnavailable(f"redis: {result}"))
-                elif int(result) < 0:
-                    waiter.set_result(Published.earlier(-int(result)))
-                else:
-                    waiter.set_result(int(result))
+            if isinstance(result, BaseException):
+                waiter.set_exception(BrokerUnavailable(f"redis: {result}"))
+            elif int(result) < 0:
+                waiter.set_result(Published.earlier(-int(result)))
+            else:
+                waiter.set_result(int(result))
 
     async def _script_loaded(self) -> None:
         if not self._script_ready:
