@@ -274,11 +274,15 @@ def test_eight_tabs_over_http1_wait_for_the_six_connection_limit(tls_stack, brow
 # stream (lb_try_duration 5s), so that through both proxies the browser's
 # first reconnect finds no app server (the retry stream) and comes back again.
 DOWN_SECONDS = 7.0
-RESTART_OPEN = """(url) => {
-  window.got = []; window.states = []; window.marker = 'not reloaded';
+# Two streams: one that has events before the restart, and a quiet one that has
+# none, whose only Last-Event-ID is the bare id: the hub sends when it opens.
+RESTART_OPEN = """([url, quietUrl]) => {
+  window.got = []; window.states = []; window.marker = 'not reloaded'; window.quiet = [];
   window.source = new EventSource(url);
   window.source.onmessage = (e) => { window.got.push([e.lastEventId, e.data]); };
   window.source.onerror = () => { window.states.push(window.source.readyState); };
+  window.quietSource = new EventSource(quietUrl);
+  window.quietSource.onmessage = (e) => { window.quiet.push([e.lastEventId, e.data]); };
 }"""
 
 
@@ -322,9 +326,10 @@ def test_a_page_rides_out_a_restart_of_the_only_app_host(single_host, browser) -
     by itself with its Last-Event-ID and gets what was published meanwhile."""
     hub, proxy = single_host
     channel = f"public.restart-{type(proxy).__name__.lower()}"
+    quiet = f"{channel}-quiet"
     verify = False  # the nginx stack's self-signed certificate
     with httpx.Client(verify=verify, timeout=10) as http:
-        def publish(data: str) -> str:
+        def publish(data: str, channel: str = channel) -> str:
             """As a careful publisher: a 502/503 (Caddy's health check has not seen the
             hub back yet) is sent again with the same Idempotency-Key."""
             token = tokens.mint(SECRET, publish=[channel], subscribe=[], ttl=300)
@@ -345,18 +350,22 @@ def test_a_page_rides_out_a_restart_of_the_only_app_host(single_host, browser) -
             page = context.new_page()
             page.set_default_timeout(20_000)
             page.goto(proxy.url + "/healthz")
-            page.evaluate(RESTART_OPEN, f"/events/?channel={channel}")
-            page.wait_for_function("window.source.readyState === EventSource.OPEN")
+            page.evaluate(RESTART_OPEN, [f"/events/?channel={channel}",
+                                         f"/events/?channel={quiet}"])
+            page.wait_for_function("window.source.readyState === EventSource.OPEN"
+                                   " && window.quietSource.readyState === EventSource.OPEN")
             sent = [(publish(f"before {i}"), f"before {i}") for i in range(3)]
             page.wait_for_function("window.got.length === 3")
             restart(hub, DOWN_SECONDS)
             # Published before the page is back: it gets them by replay.
             sent += [(publish(f"after {i}"), f"after {i}") for i in range(3)]
-            page.wait_for_function("window.got.length >= 6")
+            to_quiet = [(publish(f"quiet {i}", quiet), f"quiet {i}") for i in range(2)]
+            page.wait_for_function("window.got.length >= 6 && window.quiet.length >= 2")
             sent.append((publish("live"), "live"))
             page.wait_for_function("window.got.length >= 7")
             time.sleep(0.5)  # a repeat would show
             got = [tuple(item) for item in page.evaluate("window.got")]
+            got_quiet = [tuple(item) for item in page.evaluate("window.quiet")]
             states = page.evaluate("window.states")
             assert page.evaluate("window.marker") == "not reloaded"
             assert page.evaluate("window.source.readyState") == 1, states
@@ -365,3 +374,4 @@ def test_a_page_rides_out_a_restart_of_the_only_app_host(single_host, browser) -
     assert 2 not in states, f"EventSource was closed for good: readyState {states}"
     assert states, "the page never saw the restart"
     assert got == sent, f"the page got {got}"
+    assert got_quiet == to_quiet, f"the quiet stream got {got_quiet}"

@@ -59,12 +59,18 @@ async def read_events(client: httpx.AsyncClient, url: str, count: int,
     async with asyncio.timeout(timeout):
         async with aconnect_sse(client, "GET", url, headers=headers or {}) as source:
             assert source.response.status_code == 200
+            last_id = None
             async for event in source.aiter_sse():
-                # httpx-sse dispatches at every blank line once an id was seen, so a
-                # heartbeat after an event looks like an empty event with its id
-                # (browsers dispatch nothing there): every real event has a new id.
-                if event.data or (event.id and (not got or event.id != got[-1].id)):
+                # httpx-sse dispatches at every blank line once an id was seen, so the
+                # preamble (retry: and a bare id:) and a heartbeat look like empty
+                # events (browsers dispatch neither): every real event has data or a
+                # new id, and none has retry:.
+                if event.retry is not None and not event.data:
+                    last_id = event.id or last_id
+                    continue
+                if event.data or (event.id and event.id != last_id):
                     got.append(event)
+                last_id = event.id or last_id
                 if len(got) >= count:
                     break
     return got

@@ -177,8 +177,12 @@ def cmd_listen(args: argparse.Namespace) -> None:
             last_id = None
             for event in source.iter_sse():
                 # httpx-sse dispatches at every blank line and keeps the last id, so the
-                # retry: preamble and each heartbeat comment look like empty events:
-                # every real event has data or a new id (browsers dispatch neither).
+                # preamble (retry:, and a bare id: to start from) and each heartbeat
+                # comment look like empty events: every real event has data or a new
+                # id, and none has retry: (browsers dispatch none of these).
+                if event.retry is not None and not event.data:
+                    last_id = event.id or last_id
+                    continue
                 if not event.data and (not event.id or event.id == last_id):
                     continue
                 last_id = event.id

@@ -64,7 +64,14 @@ def encode(data: str, event: str | None = None, event_id: int | str | None = Non
     return f"{head}{body}\n\n".encode()
 
 
-def preamble(retry_ms: int) -> bytes:
-    """First bytes of a stream: a jittered ``retry:`` (I3) and a comment, sent at once (A3)."""
+def preamble(retry_ms: int, last_id: int | None = None) -> bytes:
+    """First bytes of a stream: a jittered ``retry:`` (I3) and a comment, sent at once (A3).
+
+    ``last_id`` (a new stream: the newest id when it subscribed) goes out as a bare
+    ``id:``. A browser sets its Last-Event-ID from it without dispatching an event
+    (no data), so a stream that is cut before its first event still reconnects
+    with an id and gets what it missed, instead of only what comes next.
+    """
     jittered = retry_ms + random.randint(0, retry_ms)  # noqa: S311 - jitter, not security
-    return f"retry: {jittered}\n: ssehub stream open\n\n".encode()
+    start_id = f"id: {last_id}\n" if last_id else ""
+    return f"retry: {jittered}\n: ssehub stream open\n{start_id}\n".encode()

@@ -217,6 +217,15 @@ async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
             subscriber = await hub.subscribe(names, asyncio.current_task())
         except BrokerUnavailable as exc:
             raise Refusal(503, f"broker unavailable: {exc}", [(b"retry-after", b"2")]) from None
+        start_id = None
+        if last_id is None and scope["method"] == "GET":
+            # Read once subscribed: a later event is delivered live or replayed.
+            try:
+                start_id = await hub.broker.head()
+            except BrokerUnavailable as exc:
+                hub.unsubscribe(subscriber)
+                raise Refusal(503, f"broker unavailable: {exc}",
+                              [(b"retry-after", b"2")]) from None
     except Refusal as refusal:
         await send_json(send, refusal.status, {"error": refusal.reason}, refusal.headers)
         return
@@ -227,7 +236,7 @@ async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] == "HEAD":  # headers only: a probe, not a stream
             await send({"type": "http.response.body", "body": b""})
             return
-        await send({"type": "http.response.body", "body": sse.preamble(config.retry_ms),
+        await send({"type": "http.response.body", "body": sse.preamble(config.retry_ms, start_id),
                     "more_body": True})
         if last_id is not None:
             await _catch_up(hub, subscriber, names, last_id, send)

@@ -308,9 +308,11 @@ class Stream:
                 return
             now = time.monotonic()
             if line == "":
+                # As a browser: a block's id sets the Last-Event-ID even with no data
+                # (the hub's preamble carries a bare id:); only data makes an event.
+                if ev_id is not None:
+                    self.last_event_id = ev_id
                 if data:
-                    if ev_id is not None:
-                        self.last_event_id = ev_id
                     self.events.put(Event(ev_id, ev_type, "\n".join(data), now))
                 ev_id, ev_type, data = None, "message", []
                 continue

@@ -40,6 +40,7 @@ from ..conf import Config
 from ..sse import Event
 
 EventCallback = Callable[[list[Event]], None]
+ABOVE_EVERY_ID = 2**63
 # (channels whose stored history is gone, the id their streams resume from)
 ResetCallback = Callable[[list[str], int], None]
 
@@ -101,6 +102,12 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def replay(self, channels: Sequence[str], after: int) -> Replay: ...
+
+    async def head(self) -> int:
+        """The newest id issued (0: none yet): a new stream's first Last-Event-ID.
+        Every broker answers an ``after`` above all ids with a reset that carries it,
+        before it reads any channel."""
+        return (await self.replay([], ABOVE_EVERY_ID)).head
 
     @property
     def listener_up(self) -> bool:
