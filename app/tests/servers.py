@@ -137,32 +137,42 @@ def role_defaults(role: str) -> dict[str, Any]:
     return values
 
 
-def render_redis_role(out: Path) -> Path:
-    """Render the redis role's redis.conf and users.acl into ``out`` with Ansible."""
+def render_with_ansible(out: Path, variables: dict[str, Any], templates: dict[str, Path],
+                        mode: str = "0644") -> subprocess.CompletedProcess[str]:
+    """Render role templates (name in ``out``: source) with ansible-playbook, as the
+    roles do, from ``variables`` alone: no inventory, no ansible.cfg of the repo's."""
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    templates = REPO / "roles/redis/templates/etc/redis"
-    variables = {**role_defaults("redis"), "ssekit_private_address": "127.0.0.1",
-                 "redis_app_password": DeployedRedis.APP_PASSWORD,
-                 "redis_admin_password": DeployedRedis.ADMIN_PASSWORD,
-                 "__redis_acl_file": str(out / "users.acl"),
-                 "ansible_python_interpreter": sys.executable}
     tasks = [{"name": f"Render {name}",
-              "ansible.builtin.template": {"src": str(templates / f"{name}.j2"),
-                                           "dest": str(out / name), "mode": "0600"}}
-             for name in ("redis.conf", "users.acl")]
+              "ansible.builtin.template": {"src": str(src), "dest": str(out / name),
+                                           "mode": mode}}
+             for name, src in templates.items()]
     playbook = out / "render.yml"
     playbook.write_text(yaml.safe_dump([{"hosts": "localhost", "connection": "local",
-                                         "gather_facts": False, "vars": variables,
+                                         "gather_facts": False,
+                                         "vars": {**variables,
+                                                  "ansible_python_interpreter": sys.executable},
                                          "tasks": tasks}]))
     (out / "ansible.cfg").write_text("[defaults]\n")  # not the repo's or the user's
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
            "ANSIBLE_CONFIG": str(out / "ansible.cfg")}
-    run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
-                          "localhost,", str(playbook)], cwd=out, env=env, capture_output=True,
-                         text=True, timeout=120)
+    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
+                           "localhost,", str(playbook)], cwd=out, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def render_redis_role(out: Path) -> Path:
+    """Render the redis role's redis.conf and users.acl into ``out`` with Ansible."""
+    templates = REPO / "roles/redis/templates/etc/redis"
+    variables = {**role_defaults("redis"), "ssekit_private_address": "127.0.0.1",
+                 "redis_app_password": DeployedRedis.APP_PASSWORD,
+                 "redis_admin_password": DeployedRedis.ADMIN_PASSWORD,
+                 "__redis_acl_file": str(out / "users.acl")}
+    run = render_with_ansible(out, variables, {name: templates / f"{name}.j2"
+                                               for name in ("redis.conf", "users.acl")},
+                              mode="0600")
     if run.returncode != 0:
         raise RuntimeError("rendering the redis role failed:\n" + run.stdout[-3000:])
     return out / "redis.conf"

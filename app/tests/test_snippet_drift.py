@@ -11,14 +11,12 @@ cluster. (The cluster scenarios check the deployed files on the proxy too.)
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from servers import render_with_ansible, role_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 SNIPPETS = ROOT / "templates"
@@ -35,15 +33,6 @@ TEMPLATES = {
 }
 
 
-def role_defaults(role: str) -> dict:
-    values: dict = {}
-    for name in ("defaults", "vars"):
-        path = ROOT / "roles" / role / name / "main.yml"
-        if path.exists():
-            values.update(yaml.safe_load(path.read_text()) or {})
-    return values
-
-
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     if not PLAYBOOK_BIN.exists():
@@ -54,22 +43,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                  "nginx_upstream_servers": UPSTREAMS, "caddy_upstream_servers": UPSTREAMS,
                  "caddy_site_address": SITE,
                  "nginx_snippets_dir": str(SNIPPETS / "nginx"),
-                 "caddy_snippets_dir": str(SNIPPETS / "caddy"),
-                 "ansible_python_interpreter": sys.executable}
-    tasks = [{"name": f"Render {name}",
-              "ansible.builtin.template": {"src": str(src), "dest": str(out / name),
-                                           "mode": "0644"}}
-             for name, src in TEMPLATES.items()]
-    playbook = out / "render.yml"
-    playbook.write_text(yaml.safe_dump([{"hosts": "localhost", "connection": "local",
-                                         "gather_facts": False, "vars": variables,
-                                         "tasks": tasks}]))
-    (out / "ansible.cfg").write_text("[defaults]\n")  # not the repo's or the user's
-    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
-           "ANSIBLE_CONFIG": str(out / "ansible.cfg")}
-    run = subprocess.run([str(PLAYBOOK_BIN), "-i", "localhost,", str(playbook)], cwd=out,
-                         env=env, capture_output=True, text=True, timeout=120)
+                 "caddy_snippets_dir": str(SNIPPETS / "caddy")}
+    run = render_with_ansible(out, variables, TEMPLATES)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     return {name: (out / name).read_text() for name in TEMPLATES}
 
