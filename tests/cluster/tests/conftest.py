@@ -9,6 +9,7 @@ like a browser outside the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -264,6 +265,7 @@ class Stream:
     opened: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _response: httpx.Response | None = None
 
     def start(self) -> Stream:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -272,7 +274,16 @@ class Stream:
         return self
 
     def stop(self) -> None:
+        """Stop reading and close the connection now: a stream left to notice the
+        flag at its next heartbeat stays open on the hub for up to a heartbeat,
+        and the next test sees it (test_resilience counts the hosts holding one)."""
         self._stop.set()
+        response = self._response
+        if response is not None:
+            with contextlib.suppress(Exception):  # the reader thread may be closing it too
+                response.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         deadline = time.monotonic() + 300  # never outlive a test run
@@ -289,6 +300,7 @@ class Stream:
                     "GET", "/events/", params={"channel": self.channel},
                     headers=headers, extensions=ext(),
                 ) as r:
+                    self._response = r
                     self.connects += 1
                     self.statuses.append(r.status_code)
                     self.headers.append(r.headers)
@@ -297,6 +309,10 @@ class Stream:
                     self._read(r)
             except httpx.HTTPError:
                 pass
+            except Exception:
+                if not self._stop.is_set():
+                    raise
+                return  # stop() closed the response under the reader
             if not self.reconnect:
                 break
             time.sleep(0.3)
