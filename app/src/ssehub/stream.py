@@ -213,19 +213,16 @@ async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
         hub = await ensure_hub()
         if hub.draining:
             raise Refusal(503, "draining, reconnect to another server", [(b"retry-after", b"1")])
+        subscriber = None
         try:
             subscriber = await hub.subscribe(names, asyncio.current_task())
-        except BrokerUnavailable as exc:
-            raise Refusal(503, f"broker unavailable: {exc}", [(b"retry-after", b"2")]) from None
-        start_id = None
-        if last_id is None and scope["method"] == "GET":
             # Read once subscribed: a later event is delivered live or replayed.
-            try:
-                start_id = await hub.broker.head()
-            except BrokerUnavailable as exc:
+            start_id = (await hub.broker.head()
+                        if last_id is None and scope["method"] == "GET" else None)
+        except BrokerUnavailable as exc:
+            if subscriber is not None:
                 hub.unsubscribe(subscriber)
-                raise Refusal(503, f"broker unavailable: {exc}",
-                              [(b"retry-after", b"2")]) from None
+            raise Refusal(503, f"broker unavailable: {exc}", [(b"retry-after", b"2")]) from None
     except Refusal as refusal:
         await send_json(send, refusal.status, {"error": refusal.reason}, refusal.headers)
         return
