@@ -6,7 +6,8 @@
   it out; each description starts like the comment above the variable;
 - every default has a comment above it (defaults/main.yml is the role's API);
 - every public variable starts with the role's name;
-- where the proxies reach the hubs, single host (Unix socket) and apart (TCP).
+- where the proxies reach the hubs, single host (Unix socket) and apart (TCP),
+  and which hosts get the proxy's keepalive timing.
 """
 
 from __future__ import annotations
@@ -158,10 +159,11 @@ def _render_layout(tmp_path: Path, hosts: dict[str, list[str]]) -> dict[str, dic
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": groups}}))
     (tmp_path / "ansible.cfg").write_text("[defaults]\n")
     names = ["ssehub_unix_socket", "ssehub_bind_address", "__ssehub_binds",
-             "nginx_upstream_servers", "caddy_upstream_servers"]
+             "nginx_upstream_servers", "caddy_upstream_servers", "__common_sysctl"]
     # Later files win here: the roles' defaults, then the inventory over them.
     var_files = [str(ROOT / "roles" / role / kind / "main.yml")
-                 for role in ("ssehub", "nginx", "caddy") for kind in ("defaults", "vars")
+                 for role in ("common", "ssehub", "nginx", "caddy")
+                 for kind in ("defaults", "vars")
                  if (ROOT / "roles" / role / kind / "main.yml").exists()]
     var_files.append(str(ROOT / "inventories/single-host/group_vars/all/main.yml"))
     out = tmp_path / "out"
@@ -210,3 +212,18 @@ def test_proxy_on_its_own_host_reaches_every_hub_over_tcp(tmp_path: Path) -> Non
     wanted = ["10.0.0.10:8000", "10.0.0.11:8000"]
     assert rendered["proxy1"]["nginx_upstream_servers"] == wanted
     assert rendered["proxy1"]["caddy_upstream_servers"] == wanted
+
+
+def test_only_a_proxy_apart_from_its_app_hosts_gets_the_proxy_keepalive(tmp_path: Path) -> None:
+    """TCP keepalive ends a proxy's streams to a lost app host (common_proxy_sysctl
+    over common_sysctl); app hosts, and a single host whose proxy reaches only
+    itself, keep common_sysctl (their sshd and Redis connections)."""
+    common, proxy = _defaults("common")["common_sysctl"], _defaults("common")["common_proxy_sysctl"]
+    assert set(proxy) < set(common), "the proxy's values override keys of common_sysctl"
+    (tmp_path / "apart").mkdir()
+    (tmp_path / "single").mkdir()
+    apart = _render_layout(tmp_path / "apart", LAYOUTS["proxy-apart"])
+    assert apart["proxy1"]["__common_sysctl"] == {**common, **proxy}
+    assert apart["app1"]["__common_sysctl"] == common
+    single = _render_layout(tmp_path / "single", LAYOUTS["single-host"])
+    assert single["sse1"]["__common_sysctl"] == common
