@@ -11,6 +11,7 @@ redis.conf and users.acl (servers.DeployedRedis).
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
@@ -19,11 +20,22 @@ from conftest import _config_factory, take
 from servers import DeployedRedis, running, stop
 
 from ssehub import conf
-from ssehub.hub import Hub
+from ssehub.hub import UNLISTEN_DELAY, Hub
 
 pytestmark = pytest.mark.asyncio
 
 EVENTS = 40
+
+
+def restart(redis: DeployedRedis, how: str) -> None:
+    """Stop Redis as systemd does (SIGTERM) or kill it, and start it again."""
+    assert redis.process is not None
+    if how == "restart":
+        stop(redis.process)
+    else:
+        redis.process.send_signal(signal.SIGKILL)
+        redis.process.wait(10)
+    redis.start()
 
 
 @pytest.mark.parametrize("how", ["restart", "kill -9"])
@@ -36,15 +48,9 @@ async def test_redis_restart_under_the_role_config_keeps_events_ids_and_keys(
             stored = [await hub.broker.publish("restart", f"e{i}", idempotency_key=f"k{i}")
                       for i in range(EVENTS)]
             subscriber = await hub.subscribe(["restart"])
-            assert redis.process is not None
             # everysec: give the AOF its fsync, as a restart for an upgrade would
             redis.cli("DEBUG", "SLEEP", "0")
-            if how == "restart":
-                stop(redis.process)
-            else:
-                redis.process.send_signal(signal.SIGKILL)
-                redis.process.wait(10)
-            redis.start()
+            restart(redis, how)
 
             log = redis.log.read_text()
             assert "NOPERM" not in log, [line for line in log.splitlines() if "NOPERM" in line][:2]
@@ -59,6 +65,31 @@ async def test_redis_restart_under_the_role_config_keeps_events_ids_and_keys(
             # the live stream goes on with the new event, no reset, no repeat
             got = await take(subscriber, 1, timeout=15)
             assert [(e.id, e.data) for e in got] == [(after, "after the restart")]
+        finally:
+            await hub.close()
+            conf.reset()
+
+
+@pytest.mark.parametrize("how", ["restart", "kill -9"])
+async def test_the_first_commands_after_a_redis_restart_succeed(tmp_path: Path, how: str) -> None:
+    """After a restart, a process that listened to nothing opens a new stream and
+    publishes at the first try (regression: each got a 503 from a connection Redis
+    had closed, which redis-py 8.1 handed out again, redis/redis-py#4252; and a
+    listener with no channel read nothing, so it did not notice the loss)."""
+    with running(DeployedRedis(tmp_path)) as redis:
+        hub = Hub(_config_factory(redis.url)(SSEHUB_REDIS_PREFIX="ssehub:"))
+        await hub.start()
+        try:
+            before = await hub.broker.publish("first", "before")
+            hub.unsubscribe(await hub.subscribe(["first"]))
+            await asyncio.sleep(UNLISTEN_DELAY + 0.5)  # the process listens to nothing
+            restart(redis, how)
+            await asyncio.sleep(0.5)
+            subscriber = await hub.subscribe(["first"])  # raised BrokerUnavailable
+            after = await hub.broker.publish("first", "after")
+            assert after > before
+            got = await take(subscriber, 1, timeout=5)
+            assert [(e.id, e.data) for e in got] == [(after, "after")]
         finally:
             await hub.close()
             conf.reset()

@@ -6,7 +6,8 @@ Design choices:
   PUBLISH a small message carrying the id, and record the Idempotency-Key.
   Being one script, store-then-announce is atomic and ids reach pub/sub in order.
 - A process holds two connections: the pub/sub listener and one for commands.
-  The listener SUBSCRIBEs only to channels that have local subscribers, and
+  The listener SUBSCRIBEs only to channels that have local subscribers (and
+  one of its own, so it always reads and notices a lost connection), and
   ``listen`` waits for Redis to confirm, so a replay after it cannot miss.
 - Pub/sub is at-most-once. The listener remembers the last id it saw per
   channel; after a reconnect it reads the gap from the streams (G2/G3). Ids at
@@ -149,8 +150,15 @@ class RedisBroker(Broker):
     def __init__(self, url: str, config: Any) -> None:
         super().__init__(url, config)
         self.prefix: str = config.redis_prefix
+        # RESP2: with redis-py 8.1's default RESP3 a pooled connection that Redis
+        # closed (a restart) passes the pool's checkout check, and the first command
+        # after every restart failed (redis/redis-py#4252). No retries inside redis-py
+        # for either connection: the listener reconnects itself, so that every
+        # reconnect checks the history and fills the gap (a resubscribe inside
+        # redis-py skipped both), and a publish is never sent twice (below).
         options: dict[str, Any] = {"socket_keepalive": True, "socket_connect_timeout": 5,
-                                   "health_check_interval": 0}
+                                   "health_check_interval": 0, "protocol": 2,
+                                   "retry": Retry(NoBackoff(), 0)}
         # One command connection, shared: callers queue for it rather than opening more
         # (G4: a worker holds two connections in all, whatever the load). An explicit
         # timeout (redis-py's default differs between releases) and no resending
@@ -158,7 +166,7 @@ class RedisBroker(Broker):
         # the caller gets 503 and retries with its Idempotency-Key instead.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=1, timeout=5, socket_timeout=COMMAND_TIMEOUT_SECONDS,
-            retry=Retry(NoBackoff(), 0), **options)
+            **options)
         self.redis = aioredis.Redis(connection_pool=pool)
         self._listener_client = aioredis.Redis.from_url(url, **options)
         self._script = self.redis.register_script(PUBLISH_SCRIPT)
@@ -176,8 +184,8 @@ class RedisBroker(Broker):
         self._high = 0
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
         self._connected = asyncio.Event()
+        self._was_connected = False
 
     # keys
     def _stream_key(self, channel: str) -> str:
@@ -185,6 +193,13 @@ class RedisBroker(Broker):
 
     def _pubsub_channel(self, channel: str) -> str:
         return f"{self.prefix}{channel}"
+
+    @property
+    def _own_channel(self) -> str:
+        # Always subscribed, so the listener always reads its connection and a lost
+        # one shows at once, also while no stream of this process listens to
+        # anything. No channel name starts with "~": nothing is delivered from it.
+        return f"{self.prefix}~listener"
 
     @property
     def _seq_key(self) -> str:
@@ -230,7 +245,6 @@ class RedisBroker(Broker):
                 await self._pubsub.subscribe(self._pubsub_channel(channel))
             except (RedisError, OSError):
                 pass  # the listener reconnects and subscribes every wanted channel
-        self._wake.set()
         await waiter
 
     async def unlisten(self, channel: str) -> None:
@@ -246,7 +260,6 @@ class RedisBroker(Broker):
         while True:
             try:
                 await self._connect_and_read()
-                attempt = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -257,6 +270,8 @@ class RedisBroker(Broker):
                     log.exception("redis listener failed; reconnecting")
                 self._connected.clear()
                 await self._close_pubsub()
+                if self._was_connected:  # a new loss: the backoff starts again
+                    attempt, self._was_connected = 0, False
                 delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
                 attempt += 1
                 log.warning("redis listener lost its connection (%s); retrying in %.2fs",
@@ -270,9 +285,9 @@ class RedisBroker(Broker):
         # Before subscribing: a lost history resets the gap fill's starting points.
         await self._check_history()
         wanted = sorted(self._channels)
-        if wanted:
-            await pubsub.subscribe(*(self._pubsub_channel(c) for c in wanted))
+        await pubsub.subscribe(self._own_channel, *(self._pubsub_channel(c) for c in wanted))
         self._connected.set()
+        self._was_connected = True
         late = sorted(self._channels.difference(wanted))  # listen() ran meanwhile
         if late:
             await pubsub.subscribe(*(self._pubsub_channel(c) for c in late))
@@ -285,13 +300,6 @@ class RedisBroker(Broker):
                 next_check = time.monotonic() + HISTORY_CHECK_SECONDS
                 if await self._check_history():
                     await self._fill_gaps(sorted(self._channels))
-            if not pubsub.subscribed:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), IDLE_PING_SECONDS)
-                if not pubsub.subscribed:
-                    await self.redis.ping()
-                    continue
             message = await pubsub.get_message(timeout=IDLE_PING_SECONDS)
             now = time.monotonic()
             if message is None:
