@@ -10,6 +10,7 @@ like a browser outside the cluster.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -56,8 +57,12 @@ def setting(name: str) -> Any:
     return defaults[name]
 
 
+@functools.cache
 def secret(name: str) -> str:
-    """A secret the deploy generated on the controller (password lookup)."""
+    """A secret the deploy generated on the controller (password lookup), read
+    once: a read while a fault ran once gave 59 of the token secret's 64
+    characters (the file's mtime did not change; cause not found), and every
+    token signed with it was refused."""
     return (SECRETS / name).read_text().split()[0]
 
 
@@ -240,6 +245,12 @@ def publish(channel: str, data: str, event: str = "message", idempotent: bool = 
     return str(r.json()["id"])
 
 
+def sse_field(line: str) -> tuple[str, str]:
+    """A stream line's field name and value (one leading space dropped)."""
+    key, _, value = line.partition(":")
+    return key, value[1:] if value.startswith(" ") else value
+
+
 @dataclass
 class Event:
     id: str | None
@@ -336,8 +347,7 @@ class Stream:
                 self.comments.append((now, line))
                 self.opened.set()
                 continue
-            key, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
+            key, value = sse_field(line)
             if key == "data":
                 data.append(value)
             elif key == "id":

@@ -21,3 +21,22 @@ def test_sysctl_file_lists_connection_tuning(host):
     assert conf.exists
     for key in setting("common_sysctl"):
         assert key in conf.content_string
+
+
+def test_the_kernel_runs_the_keepalive_values_the_role_wrote(host):
+    """The proxy's probes of its connections to the app hosts (a lost host's
+    streams end 3 s after its last packet) take the kernel's keepalive values.
+    Containers cannot apply /etc/sysctl.d: the scenario sets them at creation,
+    and this catches a drift from what the role writes."""
+    written = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (
+            line.partition("=")
+            for line in host.file("/etc/sysctl.d/60-ssekit.conf").content_string.splitlines()
+            if "=" in line and not line.startswith("#")
+        )
+        if key.strip().startswith("net.ipv4.tcp_keepalive_")
+    )
+    assert len(written) == 3, written
+    running = {key: host.check_output(f"sysctl -n {key}").strip() for key in written}
+    assert running == written
