@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import psycopg
 import pytest
 from servers import Caddy, Hub, Nginx, Postgres, Redis, running
@@ -117,6 +118,13 @@ async def hub(make_config) -> AsyncIterator:  # type: ignore[no-untyped-def]
     await instance.start()
     yield instance
     await instance.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for served hubs and proxies (a test file may define its own)."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(20, read=20)) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

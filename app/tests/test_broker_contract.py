@@ -43,6 +43,37 @@ async def test_replay_is_exact_and_ordered_across_channels(hub: Hub) -> None:
     assert [e.data for e in everything.events] == ["1", "2", "3"]
 
 
+async def test_replay_pages_across_channels_hold_every_event_once_in_order(
+        make_config) -> None:  # type: ignore[no-untyped-def]
+    """Pages of at most ``limit`` events, read on from each page's last id, give the
+    whole replay: channels of uneven traffic, a page boundary inside a burst."""
+    hub = Hub(make_config(SSEHUB_RETENTION_EVENTS="100"))
+    await hub.start()
+    try:
+        pattern = "aaabaaaacbbaaaaaaaaaabcaaaaaaaaaaab"  # 35 events, "a" mostly
+        ids = [await hub.broker.publish(c, f"{c}{i}") for i, c in enumerate(pattern)]
+        await hub.broker.publish("other", "not replayed")
+        whole = await hub.broker.replay(["a", "b", "c"], 0)
+        assert [e.id for e in whole.events] == ids and not whole.more
+        for limit in (1, 2, 3, 4, 7, 34, 35):
+            got, after, pages = [], 0, 0
+            while True:
+                page = await hub.broker.replay(["c", "b", "a"], after, limit)
+                assert not page.reset and len(page.events) <= limit, (limit, len(page.events))
+                got += page.events
+                pages += 1
+                if page.events:
+                    after = page.events[-1].id or after
+                if not page.more:
+                    break
+                assert pages < 100
+            assert [e.id for e in got] == ids, limit
+            assert [e.data for e in got] == [f"{c}{i}" for i, c in enumerate(pattern)]
+        assert not (await hub.broker.replay(["a"], ids[-1], 5)).events
+    finally:
+        await hub.close()
+
+
 async def test_i1_reset_when_id_older_than_retention(hub: Hub) -> None:
     ids = [await hub.broker.publish("r", str(i)) for i in range(8)]  # retention is 5
     kept = await hub.broker.replay(["r"], ids[2])
@@ -310,6 +341,20 @@ async def test_heartbeats_reach_idle_subscribers(hub: Hub) -> None:
     async with asyncio.timeout(2):
         await subscriber.wait()
     assert subscriber.buf[0].frame == b":\n\n"
+
+
+async def test_a_stream_whose_heartbeat_fails_does_not_stop_the_others(hub: Hub) -> None:
+    """The heartbeat task is the process's only one: a push that raised once ended it
+    silently (an unawaited task), and every stream then went without heartbeats."""
+    broken = await hub.subscribe(["quiet"])
+    broken.cycle = object()  # its transport is gone: the direct write raises
+    other = await hub.subscribe(["quiet"])
+    for _ in range(3):  # three heartbeats (0.2 s apart) after the failure
+        other.buf.clear()
+        async with asyncio.timeout(2):
+            await other.wait()
+        assert other.buf[0].frame == b":\n\n"
+    hub.unsubscribe(broken)
 
 
 async def test_g1_slow_subscriber_is_dropped_not_buffered_forever(make_config) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -33,12 +33,6 @@ def token(publish: list[str] | None = None, subscribe: list[str] | None = None,
 
 def auth(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=10)) as c:
-        yield c
 
 
 async def publish(client: httpx.AsyncClient, base: str, channel: str, data: object,

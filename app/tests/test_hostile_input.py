@@ -45,12 +45,6 @@ def served(request: pytest.FixtureRequest,
     hub.stop()
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=10)) as c:
-        yield c
-
-
 def auth(**grants: list[str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens.mint(SECRET, ttl=300, **grants)}"}
 

@@ -178,6 +178,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SSEHUB_SUBSCRIBER_BUFFER", "1000",
             "Events queued for one stream before it counts as slow and is disconnected (its "
             "reconnect replays what it missed).", _positive_int),
+    Setting("SSEHUB_WRITE_TIMEOUT", "30",
+            "Seconds a write may wait on a client that reads nothing before its stream is "
+            "dropped (checked once a heartbeat); it replays what it missed on reconnect.",
+            _positive_float),
     Setting("SSEHUB_REDIS_PREFIX", "ssehub:",
             "Prefix of the hub's Redis keys and pub/sub channels (`redis-cli PUBLISH "
             "ssehub:NAME text` reaches subscribers of NAME).", str),

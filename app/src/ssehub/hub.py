@@ -76,7 +76,7 @@ class Subscriber:
     """One open stream. Only its own coroutine reads ``buf``; the hub appends."""
 
     __slots__ = ("buf", "channels", "chunked", "closed", "cycle", "dropped", "floor", "limit",
-                 "sending", "task", "waiter")
+                 "sending", "task", "transport", "waiter")
 
     def __init__(self, channels: tuple[str, ...], limit: int,
                  task: asyncio.Task[Any] | None = None) -> None:
@@ -92,10 +92,14 @@ class Subscriber:
         # headers are out and the replay is done; None means "wake the task instead".
         self.cycle: Any = None
         self.chunked = True
-        # The stream's task is inside send() with frames it took from buf: uvicorn
-        # waits for a paused socket to drain *before* writing them, so a direct
-        # write now would overtake them (ids out of order, duplicates on replay).
-        self.sending = False
+        # The connection's transport when the server has one: a drop aborts it.
+        self.transport: Any = None
+        # Since when (time.monotonic) the stream's task is inside send() with frames
+        # it took from buf, 0.0 when it is not: uvicorn waits for a paused socket to
+        # drain *before* writing them, so a direct write now would overtake them (ids
+        # out of order, duplicates on replay); and Hub._beat drops a stream stuck
+        # there longer than SSEHUB_WRITE_TIMEOUT.
+        self.sending = 0.0
         # Ids up to here were sent by the Last-Event-ID replay: the listener may
         # still deliver some of them live (it lags behind the replay's read).
         self.floor = 0
@@ -163,18 +167,27 @@ class Subscriber:
         self.closed = True
         self.wake()
 
-    def drop(self) -> None:
-        """Disconnect a subscriber that fell behind; its writer may be blocked in send."""
+    def drop(self, why: str = "slow") -> None:
+        """Disconnect a subscriber that fell behind; its writer may be blocked in send.
+
+        ``why``: "slow" (its buffer filled) or "write timeout" (a send waited on the
+        client for longer than SSEHUB_WRITE_TIMEOUT).
+        """
         self.closed = True
         self.dropped = True
         self.buf = []
         metrics.DROPPED.inc()
-        log.warning("dropped a slow subscriber of %s (it replays on reconnect)",
-                    ",".join(self.channels))
-        if self.cycle is not None:
+        if why == "write timeout":
+            metrics.WRITE_TIMEOUTS.inc()
+        log.warning("dropped a subscriber of %s: %s (it replays on reconnect)",
+                    ",".join(self.channels), why)
+        transport = self.transport if self.transport is not None else (
+            self.cycle.transport if self.cycle is not None else None)
+        if transport is not None:
             # Abort the connection: uvicorn sees the disconnect, releases a writer
-            # blocked in flow control, and the stream ends without an error.
-            self.cycle.transport.abort()
+            # blocked in flow control, and the stream ends without an error (a
+            # close would wait for a client that does not read to take the buffer).
+            transport.abort()
             self.wake()
         elif self.task is not None and self.waiter is None:
             self.task.cancel()  # stuck writing to a client that does not read
@@ -277,19 +290,32 @@ class Hub:
                     len(channels), len(affected), head)
 
     async def _beat(self) -> None:
+        """Heartbeats, and the write timeout: a stream whose send has waited on its
+        client for longer than SSEHUB_WRITE_TIMEOUT is dropped (checked once a
+        heartbeat, so within the timeout plus one heartbeat)."""
         while True:
             await asyncio.sleep(self.config.heartbeat)
-            for subscriber in self._subscribers:
-                subscriber.push(HEARTBEAT)
+            stuck = time.monotonic() - self.config.write_timeout
+            for subscriber in list(self._subscribers):
+                try:
+                    if 0.0 < subscriber.sending < stuck:
+                        subscriber.drop("write timeout")
+                    else:
+                        subscriber.push(HEARTBEAT)
+                except Exception:  # one broken stream must not stop the heartbeats
+                    log.exception("heartbeat to a stream of %s failed",
+                                  ",".join(subscriber.channels))
 
-    async def replay(self, channels: Sequence[str], after: int) -> Replay:
-        """The broker's replay, with the age limit applied when it is read too.
+    async def replay(self, channels: Sequence[str], after: int,
+                     limit: int | None = None) -> Replay:
+        """The broker's replay (a page of at most ``limit`` events), with the age
+        limit applied when it is read too.
 
         Brokers trim by age when a channel gets a publish, so a quiet channel still
         holds events older than SSEHUB_RETENTION_SECONDS: a client that missed one
         of those gets a reset, as the contract says, not a stale replay.
         """
-        replay = await self.broker.replay(channels, after)
+        replay = await self.broker.replay(channels, after, limit)
         if not replay.reset and replay.events:
             oldest = replay.events[0].published_at
             if oldest is not None and oldest < time.time() - self.config.retention_seconds:

@@ -26,6 +26,8 @@ DELIVERED = Counter("ssehub_events_delivered",
                     "Events handed to subscribers (one per subscriber per event).")
 DROPPED = Counter("ssehub_subscribers_dropped",
                   "Subscribers disconnected because they fell behind (they replay on reconnect).")
+WRITE_TIMEOUTS = Counter("ssehub_write_timeouts",
+                         "Of those, streams whose client read nothing for SSEHUB_WRITE_TIMEOUT.")
 BROKER_LAG = Gauge("ssehub_broker_lag_seconds",
                    "Seconds from publish to the listener receiving the event, last event seen.",
                    multiprocess_mode="livemax")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -41,6 +42,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 MAX_CHANNELS = 32
 REPLAY_WRITE_BYTES = 256 * 1024
+REPLAY_PAGE_EVENTS = 64
 NEVER_ISSUED = 2**63 - 1
 DIRECT_ATTRIBUTES = ("transport", "flow", "disconnected", "chunked_encoding")
 COOKIE_NAME = "ssehub_token"
@@ -151,33 +153,57 @@ async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:
 
 async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id: str,
                     send: Send) -> None:
-    """Send what the client missed, then drop buffered live events it now has."""
+    """Send what the client missed, page by page, then drop buffered live events it now has.
+
+    A page is at most REPLAY_PAGE_EVENTS events (brokers.Page), sent in writes of
+    about REPLAY_WRITE_BYTES; each send waits for the client (flow control) before
+    the next page is read, so one stream holds one page whatever the history
+    behind it, and a client that stops reading is dropped by the write timeout
+    (Hub._beat). Live events that arrive meanwhile wait in the subscriber's
+    buffer, bounded like any other.
+    """
     # An id that is not ours at all ("abc", "-1") is an id never issued: a reset
     # that carries the newest id, like any other unknown id.
     after = int(last_id) if last_id.isascii() and last_id.isdigit() else NEVER_ISSUED
-    replay = await hub.replay(names, after)
-    if replay.reset:
-        head = replay.head
-        reason = replay.reason or ("unknown id" if after > head else "older than retention")
-        data = json.dumps({"reason": reason, "last_event_id": last_id})
-        frames = [sse.encode(data, "reset", head if head else None)]
-        cursor = head
-    else:
+    cursor = after
+    while not subscriber.closed:
+        replay = await hub.replay(names, cursor, REPLAY_PAGE_EVENTS)
+        if replay.reset:
+            head = replay.head
+            reason = replay.reason or ("unknown id" if cursor > head else "older than retention")
+            sent = last_id if cursor == after else str(cursor)
+            data = json.dumps({"reason": reason, "last_event_id": sent})
+            reset = sse.encode(data, "reset", head if head else None)
+            await _send_frames(subscriber, send, [reset])
+            cursor = head
+            break
         frames = [event.frame for event in replay.events]
-        cursor = (replay.events[-1].id or after) if replay.events else after
+        if replay.events:
+            cursor = replay.events[-1].id or cursor
+        more = replay.more
+        del replay  # the page's events: only their frames are held while they are sent
+        await _send_frames(subscriber, send, frames)
+        if not more:
+            break
     # Live events the replay covers are dropped (Subscriber.floor): those
-    # buffered now, and those the listener delivers while it is being sent.
+    # buffered now, and those the listener delivers from here on.
     subscriber.floor = cursor or 0
     buffered, subscriber.buf = subscriber.buf, []
     subscriber.buf.extend(item for item in buffered if not subscriber.replayed(item))
-    # In writes of about REPLAY_WRITE_BYTES: each send waits for the client, so a
-    # long replay never sits in memory twice (joined) or in the socket's buffer.
+
+
+async def _send_frames(subscriber: Subscriber, send: Send, frames: list[bytes]) -> None:
+    """Send ``frames`` in writes of about REPLAY_WRITE_BYTES, each under the write timeout."""
     start = size = 0
     for end, frame in enumerate(frames, 1):
         size += len(frame)
         if size >= REPLAY_WRITE_BYTES or end == len(frames):
-            await send({"type": "http.response.body", "body": b"".join(frames[start:end]),
-                        "more_body": True})
+            subscriber.sending = time.monotonic()
+            try:
+                await send({"type": "http.response.body", "body": b"".join(frames[start:end]),
+                            "more_body": True})
+            finally:
+                subscriber.sending = 0.0
             start, size = end, 0
 
 
@@ -195,11 +221,11 @@ async def _pump(subscriber: Subscriber, send: Send) -> None:
         if batch:
             subscriber.buf = []
             body = batch[0].frame if len(batch) == 1 else b"".join([e.frame for e in batch])
-            subscriber.sending = True
+            subscriber.sending = time.monotonic()
             try:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             finally:
-                subscriber.sending = False
+                subscriber.sending = 0.0
         if subscriber.closed:
             return
 
@@ -227,6 +253,8 @@ async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, refusal.status, {"error": refusal.reason}, refusal.headers)
         return
 
+    # The connection, so that a drop aborts it even before the direct path starts.
+    subscriber.transport = getattr(getattr(send, "__self__", None), "transport", None)
     watcher = asyncio.create_task(_watch_disconnect(receive, subscriber))
     try:
         await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})

@@ -17,8 +17,10 @@ tests against all three):
   together (a burst read at once), in id order per channel, at most once per
   id per process (duplicates from a reconnect's gap fill are dropped
   here, not per subscriber).
-- ``replay(channels, after)`` returns the retained events with ``id > after``
-  in id order, or ``reset`` when ``after`` is older than retention on one of the
+- ``replay(channels, after, limit)`` returns the retained events with
+  ``id > after`` in id order: at most ``limit`` of them (``Page``), with
+  ``more`` set when the store may hold newer ones (the caller reads on from the
+  last id), or ``reset`` when ``after`` is older than retention on one of the
   channels, newer than anything the broker issued, or from a history the
   store lost (ids carry their history: a new one starts above every id an
   older one issued).
@@ -69,6 +71,40 @@ class Replay:
     head: int = 0
     # Why a reset, when the broker knows better than "unknown id" or "older than retention".
     reason: str = ""
+    # The store holds events after the last of ``events``: read the next page from there.
+    more: bool = False
+
+
+class Page:
+    """One page of a replay over several channels, merged in id order.
+
+    Each channel is read with at most ``limit`` events, none above ``end``. A range
+    that comes back full may hold more after its last id, so the page ends there;
+    and the page keeps only its first ``limit`` events. Every retained event up to
+    the page's last id is then in it, the next page starts after that id, and no
+    more than two pages of events are held while one is read, whatever the
+    number of channels or the history behind them.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.events: list[Event] = []
+        self.end: int | None = None  # no event above this id belongs to the page
+        self.more = False  # the store may hold events after the page's last id
+
+    def add(self, part: list[Event]) -> None:
+        events = self.events + part
+        events.sort(key=lambda e: e.id or 0)
+        limit = self.limit
+        if limit is not None and len(part) >= limit:
+            self.more = True
+            self.end = min(self.end or part[-1].id or 0, part[-1].id or 0)
+            events = [e for e in events if (e.id or 0) <= self.end]
+        if limit is not None and len(events) > limit:
+            del events[limit:]
+            self.more = True
+            self.end = events[-1].id
+        self.events = events
 
 
 class Broker(abc.ABC):
@@ -101,7 +137,8 @@ class Broker(abc.ABC):
         when ``idempotency_key`` was seen within retention."""
 
     @abc.abstractmethod
-    async def replay(self, channels: Sequence[str], after: int) -> Replay: ...
+    async def replay(self, channels: Sequence[str], after: int,
+                     limit: int | None = None) -> Replay: ...
 
     async def head(self) -> int:
         """The newest id issued (0: none yet): a new stream's first Last-Event-ID.

@@ -9,13 +9,14 @@ process with this broker.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
 
 from ..channels import scoped_key
 from ..sse import Event
-from . import Broker, Published, Replay
+from . import Broker, Page, Published, Replay
 
 
 class MemoryBroker(Broker):
@@ -67,19 +68,22 @@ class MemoryBroker(Broker):
             asyncio.get_running_loop().call_soon(self.on_events, [item])
         return self._head
 
-    async def replay(self, channels: Sequence[str], after: int) -> Replay:
+    async def replay(self, channels: Sequence[str], after: int,
+                     limit: int | None = None) -> Replay:
         if after > self._head:
             return Replay(reset=True, head=self._head)
-        events: list[Event] = []
+        page = Page(limit)
         for channel in channels:
             floor = self._floors.get(channel)
             if floor is None:  # 0 means "from the start"; other old ids predate this process
                 floor = 0 if after == 0 else self._start_id
             if after < floor:
                 return Replay(reset=True, head=self._head)
-            events.extend(e for e in self._streams.get(channel, ()) if e.id and e.id > after)
-        events.sort(key=lambda e: e.id or 0)
-        return Replay(events, head=self._head)
+            end = page.end
+            newer = (e for e in self._streams.get(channel, ())
+                     if e.id and e.id > after and (end is None or e.id <= end))
+            page.add(list(itertools.islice(newer, limit)))
+        return Replay(page.events, head=self._head, more=page.more)
 
     async def ping(self) -> None:
         return None

@@ -262,10 +262,11 @@ class PostgresBroker(Broker):
     # commands
     @staticmethod
     async def _range(conn: psycopg.AsyncConnection[Any], channels: Sequence[str],
-                     after: int) -> list[Event]:
+                     after: int, limit: int | None = None) -> list[Event]:
         cur = await conn.execute(
             "SELECT id, channel, event, data, published_at FROM ssehub_event "
-            "WHERE channel = ANY(%s) AND id > %s ORDER BY id", (list(channels), after))
+            "WHERE channel = ANY(%s) AND id > %s ORDER BY id LIMIT %s",
+            (list(channels), after, limit))
         return [Event(r[1], r[3], r[2], int(r[0]), float(r[4])) for r in await cur.fetchall()]
 
     async def publish(self, channel: str, data: str, event: str | None = None,
@@ -311,7 +312,8 @@ class PostgresBroker(Broker):
         async with self.pool.connection() as conn:
             await conn.execute("DELETE FROM ssehub_idempotency WHERE expires < %s", (now,))
 
-    async def replay(self, channels: Sequence[str], after: int) -> Replay:
+    async def replay(self, channels: Sequence[str], after: int,
+                     limit: int | None = None) -> Replay:
         try:
             await self.ensure_schema()
             async with self.pool.connection() as conn:
@@ -328,7 +330,9 @@ class PostgresBroker(Broker):
                 row = await cur.fetchone()
                 if row and after < int(row[0]):
                     return Replay(reset=True, head=head)
-                return Replay(await self._range(conn, channels, after), head=head)
+                events = await self._range(conn, channels, after, limit)
+                more = limit is not None and len(events) >= limit
+                return Replay(events, head=head, more=more)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"postgres: {exc}") from exc
 

@@ -48,7 +48,7 @@ from redis.exceptions import ConnectionError, NoScriptError, RedisError
 
 from ..channels import scoped_key
 from ..sse import Event
-from . import Broker, BrokerUnavailable, Published, Replay
+from . import Broker, BrokerUnavailable, Page, Published, Replay
 
 log = logging.getLogger(__name__)
 
@@ -409,8 +409,10 @@ class RedisBroker(Broker):
                 self.on_events(fresh)
 
     # commands
-    async def _range(self, channel: str, after: int) -> list[Event]:
-        entries: Any = await self.redis.xrange(self._stream_key(channel), f"({after}-0", "+")
+    async def _range(self, channel: str, after: int, end: int | None = None,
+                     count: int | None = None) -> list[Event]:
+        entries: Any = await self.redis.xrange(self._stream_key(channel), f"({after}-0",
+                                               "+" if end is None else str(end), count=count)
         return [_event_from_entry(channel, entry_id, fields) for entry_id, fields in entries]
 
     async def publish(self, channel: str, data: str, event: str | None = None,
@@ -489,19 +491,20 @@ class RedisBroker(Broker):
             await self.redis.script_load(PUBLISH_SCRIPT)
             self._script_ready = True
 
-    async def replay(self, channels: Sequence[str], after: int) -> Replay:
+    async def replay(self, channels: Sequence[str], after: int,
+                     limit: int | None = None) -> Replay:
         try:
             try:
-                return await self._replay(channels, after)
+                return await self._replay(channels, after, limit)
             except ConnectionError:
                 # The pooled connection died with a Redis restart and this was the
                 # first command to find out. A read is safe to resend (a publish is not).
                 log.info("redis command connection was closed; reading the replay again")
-                return await self._replay(channels, after)
+                return await self._replay(channels, after, limit)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"redis: {exc}") from exc
 
-    async def _replay(self, channels: Sequence[str], after: int) -> Replay:
+    async def _replay(self, channels: Sequence[str], after: int, limit: int | None) -> Replay:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(self._seq_key)
             pipe.get(self._epoch_key)
@@ -523,11 +526,10 @@ class RedisBroker(Broker):
             deleted = info.get("max-deleted-entry-id") or b"0-0"
             if after < _stream_id(deleted):
                 return Replay(reset=True, head=head)
-        events: list[Event] = []
+        page = Page(limit)
         for channel in channels:
-            events.extend(await self._range(channel, after))
-        events.sort(key=lambda e: e.id or 0)
-        return Replay(events, head=head)
+            page.add(await self._range(channel, after, page.end, limit))
+        return Replay(page.events, head=head, more=page.more)
 
     @property
     def listener_up(self) -> bool:
