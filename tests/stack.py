@@ -39,6 +39,7 @@ def up() -> None:
         "SSEHUB_SECRET_KEY": secrets.token_urlsafe(48),
         "SSEHUB_HEARTBEAT": "15",
         "SSEHUB_DATA_DIR": str(STATE / "data"),
+        "SSEHUB_DEMO": "true",  # the chat demo's URL is printed below; never in production
     }
     pids: dict[str, int] = {}
     try:

@@ -135,7 +135,7 @@ def stack(redis_server: Redis, pg_server: Postgres,
                    SSEHUB_DATABASE_URL=fresh_database(pg_server),
                    SSEHUB_REDIS_PREFIX="e2e:", SSEHUB_HEARTBEAT="1",
                    SSEHUB_PUBLIC_CHANNELS="public.*", PYTHONASYNCIODEBUG="1",
-                   SSEHUB_DATA_DIR=str(directory))
+                   SSEHUB_DATA_DIR=str(directory), SSEHUB_DEMO="true")
     subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
                    env={**os.environ, **env}, check=True)
     hub = Hub(directory, env, workers=2)

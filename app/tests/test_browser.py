@@ -81,7 +81,8 @@ def tls_stack(redis_server: Redis, pg_server: Postgres,
     env = base_env(SSEHUB_BROKER_URL=redis_server.url,
                    SSEHUB_DATABASE_URL=fresh_database(pg_server),
                    SSEHUB_REDIS_PREFIX="browser:", SSEHUB_HEARTBEAT="5",
-                   SSEHUB_PUBLIC_CHANNELS="public.*", SSEHUB_DATA_DIR=str(directory))
+                   SSEHUB_PUBLIC_CHANNELS="public.*", SSEHUB_DATA_DIR=str(directory),
+                   SSEHUB_DEMO="true")
     subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
                    env={**os.environ, **env}, check=True)
     hub = Hub(directory, env, workers=2)

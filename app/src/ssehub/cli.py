@@ -65,8 +65,9 @@ def _serve_embedded(config: conf.Config, host: str, port: int) -> None:
     url = f"http://{host}:{port}"
     pub = tokens.mint(config.token_secret, publish=["*"], ttl=86400)
     sub = tokens.mint(config.token_secret, subscribe=["*"], ttl=86400)
+    demo = f"{url}/" if config.demo else "off (SSEHUB_DEMO=true serves it at /)"
     print(f"""ssehub: embedded mode (memory broker, SQLite in {config.data_dir})
-  chat demo:  {url}/
+  chat demo:  {demo}
   subscribe:  curl -N '{url}/events/?channel=demo&token={sub}'
   publish:    curl -H 'Authorization: Bearer {pub}' -d channel=demo -d data=hello {url}/publish/
   or:         ssehub listen demo   /   ssehub publish demo hello

@@ -209,6 +209,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SSEHUB_METRICS_DIR", None,
             "Directory for prometheus_client's multiprocess files (one per worker); "
             "`ssehub serve` uses a temporary one when unset.", str),
+    Setting("SSEHUB_DEMO", "false",
+            "Serve the chat demo (`GET /`, anonymous posts to `/chat/messages/`). Off in "
+            "production: anyone can post to it.", _bool),
+    Setting("SSEHUB_DEMO_POSTS_PER_MINUTE", "20",
+            "Chat demo posts allowed per client address and minute (bursts of the same "
+            "size); more get 429 with `Retry-After`.", _positive_int),
+    Setting("SSEHUB_DEMO_KEEP_MESSAGES", "200",
+            "Chat demo messages kept per room (older ones are deleted), and 50 rooms' worth "
+            "in all.", _positive_int),
 )
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
 from django.urls import path
 
-from . import views
+from . import conf, views
 
 urlpatterns = [
-    path("", views.chat, name="chat"),
-    path("chat/messages/", views.chat_post, name="chat-post"),
     path("healthz", views.healthz),
     path("readyz", views.readyz),
     path("metrics", views.metrics_view),
 ]
+
+if conf.get().demo:  # anyone may post to the demo: off unless SSEHUB_DEMO is on
+    urlpatterns += [
+        path("", views.chat, name="chat"),
+        path("chat/messages/", views.chat_post, name="chat-post"),
+    ]
