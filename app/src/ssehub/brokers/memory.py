@@ -16,13 +16,13 @@ from collections.abc import Sequence
 
 from ..channels import scoped_key
 from ..sse import Event
-from . import Broker, Page, Published, Replay
+from . import Broker, Page, Published, Replay, new_history_base
 
 
 class MemoryBroker(Broker):
     def __init__(self, url: str, config) -> None:  # type: ignore[no-untyped-def]
         super().__init__(url, config)
-        self._start_id = time.time_ns() // 1000
+        self._start_id = new_history_base(time.time())
         self._head = self._start_id
         self._streams: dict[str, deque[Event]] = {}
         self._floors: dict[str, int] = {}
@@ -72,12 +72,11 @@ class MemoryBroker(Broker):
                      limit: int | None = None) -> Replay:
         if after > self._head:
             return Replay(reset=True, head=self._head)
+        if 0 < after < self._start_id:  # an id of an earlier process: that history is gone
+            return Replay(reset=True, head=self._head, reason="history lost")
         page = Page(limit)
         for channel in channels:
-            floor = self._floors.get(channel)
-            if floor is None:  # 0 means "from the start"; other old ids predate this process
-                floor = 0 if after == 0 else self._start_id
-            if after < floor:
+            if after < self._floors.get(channel, 0):
                 return Replay(reset=True, head=self._head)
             end = page.end
             newer = (e for e in self._streams.get(channel, ())

@@ -16,6 +16,16 @@ Design choices (H1-H5 in FAILURE-MODES.md):
 - A process holds two connections: the listener and one for commands.
 - ``psql``'s ``NOTIFY lobby, 'Hello'`` reaches subscribers of ``lobby`` live
   (no id); quoted identifiers keep case, so ``NOTIFY "Lobby"`` for mixed case.
+- History identity, as in the Redis broker: ``ssehub_history`` holds an epoch
+  beside the id sequence. A new (or wiped) store starts a history whose ids
+  begin at the clock in microseconds, above every id an earlier history issued;
+  a store from before epochs (events, no epoch) keeps its ids under epoch 0.
+  The listener reads epoch and sequence when it connects and every
+  ``HISTORY_CHECK_SECONDS`` (never per event): another epoch (the tables were
+  dropped and made again), or a sequence below the ids it has seen (a restored
+  dump, a failover to a replica that lagged: it then starts a new history
+  itself, above them), sends ``event: reset`` to every stream of its channels.
+  A replay from ``0 < after < epoch`` is a reset too.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from psycopg_pool import AsyncConnectionPool
 from ..channels import scoped_key
 from ..conf import postgres_conninfo
 from ..sse import Event
-from . import Broker, BrokerUnavailable, Published, Replay
+from . import Broker, BrokerUnavailable, Published, Replay, new_history_base
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,9 @@ TCP_OPTIONS: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10,
                                "keepalives_interval": 5, "keepalives_count": 3,
                                "tcp_user_timeout": 20_000}
 RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
+# How often the listener checks that the store's history is the one it delivered
+# from (one query, not per event).
+HISTORY_CHECK_SECONDS = 5.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ssehub_event (
@@ -71,6 +84,16 @@ CREATE TABLE IF NOT EXISTS ssehub_idempotency (
     event_id bigint NOT NULL,
     expires double precision NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ssehub_history (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    epoch bigint NOT NULL
+);
+"""
+
+# The newest id issued (0: none) and the history's epoch (NULL: none yet).
+HEAD = """
+SELECT (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ssehub_event_id_seq),
+       (SELECT epoch FROM ssehub_history)
 """
 
 TRIM = """
@@ -97,7 +120,6 @@ class PostgresBroker(Broker):
                                         timeout=10)
         self._channels: set[str] = set()
         self._pending: list[tuple[str, bool, asyncio.Future[None] | None]] = []
-        self._last_id: dict[str, int] = {}
         self._listening = False
         self._task: asyncio.Task[None] | None = None
         self._schema_ready = False
@@ -123,10 +145,8 @@ class PostgresBroker(Broker):
             await self.pool.open(wait=False)
         if self._schema_ready:
             return
-        async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID + 1,))
-            await conn.execute(SCHEMA)
-        self._schema_ready = True
+        async with self.pool.connection() as conn:
+            await self._ensure_schema_on(conn)
 
     # interest
     async def listen(self, channel: str) -> None:
@@ -170,13 +190,19 @@ class PostgresBroker(Broker):
 
     async def _listen_loop(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._ensure_schema_on(conn)
+        await self._check_history(conn)
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._wake_channel)))
         for channel in sorted(self._channels):
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         await self._fill_gaps(conn)
         self._listening = True
         idle_since = time.monotonic()
+        next_check = idle_since + HISTORY_CHECK_SECONDS
         while True:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + HISTORY_CHECK_SECONDS
+                if await self._check_history(conn):
+                    await self._fill_gaps(conn)
             await self._apply_pending(conn)
             batch = []
             self._waiting = True
@@ -196,11 +222,60 @@ class PostgresBroker(Broker):
                 idle_since = time.monotonic()
 
     async def _ensure_schema_on(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The tables, and a history in them (a new one in a new store)."""
         if not self._schema_ready:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID + 1,))
                 await conn.execute(SCHEMA)
+            await self._start_history(conn, 0)
             self._schema_ready = True
+
+    @staticmethod
+    async def _head(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int | None]:
+        """The newest id issued and the history's epoch (None: the store has none)."""
+        cur = await conn.execute(HEAD)
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), None if row[1] is None else int(row[1])
+
+    async def _start_history(self, conn: psycopg.AsyncConnection[Any], high: int) -> int:
+        """Make sure the store has a history that holds every id seen; return its epoch.
+
+        None yet (a new or wiped store), or a sequence below ``high`` (a restored
+        dump, a replica that lagged): a new history whose ids start above
+        ``high`` and the clock. Events but no epoch: a store from before epochs
+        keeps its ids under epoch 0. Under the publish lock, so no id is issued
+        meanwhile, and of several hubs one starts the history and the others adopt it.
+        """
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
+            seq, epoch = await self._head(conn)
+            if epoch is not None and seq >= high:
+                return epoch
+            if epoch is None and seq > 0 and seq >= high:
+                epoch = 0
+            else:
+                epoch = max(high, new_history_base(time.time()))
+                await conn.execute("SELECT setval('ssehub_event_id_seq', %s)", (epoch,))
+            await conn.execute(
+                "INSERT INTO ssehub_history (epoch) VALUES (%s) "
+                "ON CONFLICT (one) DO UPDATE SET epoch = EXCLUDED.epoch", (epoch,))
+            return epoch
+
+    async def _check_history(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Compare the store's history with the one delivered from; True if it was lost.
+
+        Then every stream of the listened channels gets ``event: reset`` (through
+        ``on_reset``), and the gap fill starts where the store's history now begins.
+        """
+        try:
+            seq, epoch = await self._head(conn)
+        except psycopg.errors.UndefinedTable:  # the tables were dropped: a new store
+            self._schema_ready = False
+            await self._ensure_schema_on(conn)
+            seq, epoch = await self._head(conn)
+        return await self._compare_history(
+            seq, epoch, lambda high: self._start_history(conn, high))
 
     async def _apply_pending(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while self._pending:
@@ -220,7 +295,7 @@ class PostgresBroker(Broker):
             elif channel in self._channels:
                 await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
                 self._channels.discard(channel)
-                self._last_id.pop(channel, None)
+                self._high = max(self._high, self._last_id.pop(channel, 0))
 
     async def _deliver(self, conn: psycopg.AsyncConnection[Any], batch: list[Any]) -> None:
         ids: list[int] = []
@@ -306,7 +381,7 @@ class PostgresBroker(Broker):
                 await self._expire_idempotency(now)
             return event_id
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"postgres: {exc}") from exc
+            raise self._unavailable(exc) from exc
 
     async def _expire_idempotency(self, now: float) -> None:
         async with self.pool.connection() as conn:
@@ -317,13 +392,11 @@ class PostgresBroker(Broker):
         try:
             await self.ensure_schema()
             async with self.pool.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
-                    "FROM ssehub_event_id_seq")
-                row = await cur.fetchone()
-                head = int(row[0]) if row else 0
+                head, epoch = await self._head(conn)
                 if after > head:
                     return Replay(reset=True, head=head)
+                if 0 < after < (epoch or 0):
+                    return Replay(reset=True, head=head, reason="history lost")
                 cur = await conn.execute(
                     "SELECT COALESCE(max(floor), 0) FROM ssehub_floor WHERE channel = ANY(%s)",
                     (list(channels),))
@@ -334,11 +407,16 @@ class PostgresBroker(Broker):
                 more = limit is not None and len(events) >= limit
                 return Replay(events, head=head, more=more)
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"postgres: {exc}") from exc
+            raise self._unavailable(exc) from exc
 
     @property
     def listener_up(self) -> bool:
         return self._listening
+
+    def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        if isinstance(exc, psycopg.errors.UndefinedTable):
+            self._schema_ready = False  # the tables were dropped: make them again
+        return BrokerUnavailable(f"postgres: {exc}")
 
     async def ping(self) -> None:
         try:
@@ -346,4 +424,4 @@ class PostgresBroker(Broker):
             async with self.pool.connection(timeout=3) as conn:
                 await conn.execute("SELECT 1")
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"postgres: {exc}") from exc
+            raise self._unavailable(exc) from exc

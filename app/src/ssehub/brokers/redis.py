@@ -48,7 +48,7 @@ from redis.exceptions import ConnectionError, NoScriptError, RedisError
 
 from ..channels import scoped_key
 from ..sse import Event
-from . import Broker, BrokerUnavailable, Page, Published, Replay
+from . import Broker, BrokerUnavailable, Page, Published, Replay, new_history_base
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ MAX_BATCH = 256
 # How often a connected listener checks that the store's history is still the
 # one it delivered from (one round trip, not per event).
 HISTORY_CHECK_SECONDS = 5.0
-# A new history's first id: the clock in microseconds. Below 2**53 until 2255,
-# so JavaScript numbers hold it exactly; a history overlaps a later one only if
-# it averaged more than a million events a second over its life.
-ID_BASE_PER_SECOND = 1_000_000
 # A publish waiting for the next pipeline: KEYS, ARGV and the caller's future.
 Queued = tuple[list[str], list[Any], asyncio.Future[int]]
 
@@ -131,10 +127,6 @@ return base
 """
 
 
-def new_history_base(now: float) -> int:
-    return int(now * ID_BASE_PER_SECOND)
-
-
 def _stream_id(raw: bytes | str) -> int:
     text = raw.decode() if isinstance(raw, bytes) else raw
     return int(text.split("-", 1)[0])
@@ -176,12 +168,6 @@ class RedisBroker(Broker):
         self._flusher: asyncio.Task[None] | None = None
         self._channels: set[str] = set()
         self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
-        self._last_id: dict[str, int] = {}
-        # The history the listener delivers from: the store's epoch when last read
-        # (None: not read yet), and the highest id seen of channels
-        # no longer listened to (the others are in _last_id).
-        self._epoch: int | None = None
-        self._high = 0
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -367,31 +353,13 @@ class RedisBroker(Broker):
             raw_epoch, raw_seq = await pipe.execute()
         epoch = None if raw_epoch is None else int(raw_epoch)
         seq = int(raw_seq or 0)
-        high = max(self._high, *self._last_id.values(), 0)
-        known = self._epoch
-        if epoch is None or seq < high:
-            epoch = int(await self._history_script(
+
+        async def start_history(high: int) -> int:
+            return int(await self._history_script(
                 keys=[self._seq_key, self._epoch_key],
                 args=[high, new_history_base(time.time())]))
-            # Events stored after the sequence went back are new: deliver them.
-            start = dict.fromkeys(self._last_id, seq)
-            lost = known is not None or seq < high
-            reason = f"the store's sequence went back from {high} to {seq}"
-        else:
-            # Ids of another history start above its epoch; what was delivered live
-            # of it already (a check while connected) is not sent again.
-            start = {c: max(epoch, i) for c, i in self._last_id.items()}
-            lost = known is not None and epoch != known
-            reason = f"the store holds another history (epoch {known} is now {epoch})"
-        self._epoch = epoch
-        if not lost:
-            return False
-        log.warning("redis: stored history lost: %s; streams of %d channels get a reset",
-                    reason, len(self._last_id))
-        self._high = 0
-        self._last_id.update(start)
-        self.on_reset(sorted(self._last_id), epoch)
-        return True
+
+        return await self._compare_history(seq, epoch, start_history)
 
     async def _fill_gaps(self, channels: Sequence[str]) -> None:
         """After a (re)connect, deliver what was published while we were away."""
