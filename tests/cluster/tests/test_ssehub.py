@@ -31,9 +31,21 @@ def test_ssehub_is_ready(host):
     assert out["status"] == "ready"
 
 
-def test_env_file_is_readable_only_by_the_service(host):
+def test_env_file_is_readable_by_the_service_and_written_only_by_root(host):
     f = host.file("/etc/ssehub/ssehub.env")
-    assert f.user == setting("ssehub_user") and f.mode == 0o600
+    assert (f.user, f.group, f.mode) == ("root", setting("ssehub_group"), 0o640)
+    user = setting("ssehub_user")
+    assert host.run(f"runuser -u {user} -- cat /etc/ssehub/ssehub.env").rc == 0
+    assert host.run(f"runuser -u {user} -- test -w /etc/ssehub/ssehub.env").rc != 0
+
+
+def test_unit_caps_memory_and_tasks_as_the_role_sizes_them(host):
+    props = dict(line.split("=", 1) for line in host.check_output(
+        "systemctl show ssehub --property MemoryMax,TasksMax").splitlines())
+    workers = int(setting("ssehub_workers"))
+    mb = workers * int(setting("ssehub_worker_memory_mb")) + 128
+    assert int(props["MemoryMax"]) == mb * 2**20
+    assert int(props["TasksMax"]) == int(setting("ssehub_tasks_max"))
 
 
 def test_stop_timeout_exceeds_the_drain(host):
