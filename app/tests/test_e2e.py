@@ -2,7 +2,7 @@
 and, for the checks that a stream crosses a proxy intact, behind a real Caddy too.
 
 Streams are read with httpx-sse, a parser we did not write, and raw bytes where
-timing or comments matter. Each test names the FAILURE-MODES row it pins.
+timing or comments matter. Each test names the row of docs/failure-modes.md it pins.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def test_settings_table_is_the_generated_one() -> None:
 
 
 def test_every_test_the_readme_names_exists() -> None:
-    """The failure table points at tests by name (``test_g4_*`` for a family)."""
+    """The README points at tests by name (``test_g4_*`` for a family)."""
     defined: set[str] = set()
     for path in [*(ROOT / "app" / "tests").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
         defined |= set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M))
