@@ -37,6 +37,14 @@ HISTORY_RESETS = Counter("ssehub_history_resets",
 STREAM_RESETS = Counter("ssehub_stream_resets",
                         "Streams sent event: reset because the stored history they were "
                         "delivered from is gone.")
+STREAM_PATHS = Counter("ssehub_streams_opened",
+                       "Streams opened, by how the hub writes to them: direct (uvicorn's "
+                       "httptools transport, the fast path) or asgi (the plain ASGI send, about "
+                       "a quarter of the deliveries a second).", ["path"])
+DIRECT_PATH = Gauge("ssehub_direct_path",
+                    "1 when the worker's HTTP protocol is uvicorn's httptools, whose transport "
+                    "streams are written to directly; 0 when streams take the plain ASGI path.",
+                    multiprocess_mode="livemin")
 DRAINING = Gauge("ssehub_draining", "1 while the worker drains on shutdown.",
                  multiprocess_mode="livemax")
 

@@ -30,7 +30,7 @@ from urllib.parse import parse_qs
 
 from django.http.cookie import parse_cookie
 
-from . import channels, conf, sse, tokens
+from . import channels, conf, metrics, sse, tokens
 from .brokers import BrokerUnavailable
 from .hub import Hub, Subscriber, ensure_hub
 
@@ -266,6 +266,7 @@ async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
         if last_id is not None:
             await _catch_up(hub, subscriber, names, last_id, send)
         cycle = direct_cycle(scope, send)
+        metrics.STREAM_PATHS.labels("direct" if cycle is not None else "asgi").inc()
         if cycle is not None:
             subscriber.chunked = bool(cycle.chunked_encoding)
             subscriber.cycle = cycle
