@@ -163,6 +163,14 @@ def render_with_ansible(out: Path, variables: dict[str, Any], templates: dict[st
                           text=True, timeout=120)
 
 
+def render_texts(out: Path, variables: dict[str, Any],
+                 templates: dict[str, Path]) -> dict[str, str]:
+    """render_with_ansible, then each rendered file's text by its name."""
+    run = render_with_ansible(out, variables, templates)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    return {name: (out / name).read_text() for name in templates}
+
+
 def render_redis_role(out: Path) -> Path:
     """Render the redis role's redis.conf and users.acl into ``out`` with Ansible."""
     templates = REPO / "roles/redis/templates/etc/redis"
@@ -481,6 +489,27 @@ class Hub:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def start_embedded(home: Path, **extra_env: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """``ssehub serve`` with no configuration (embedded mode) and HOME=``home``, as a
+    first-time user runs it; returns the process, its URL and its output's file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SSEHUB_", "DJANGO_"))}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = home / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "ssehub.cli", "serve", "--bind",
+                                   f"127.0.0.1:{port}"], env={**env, "HOME": str(home),
+                                                              **extra_env},
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
+                 what="ssehub serve")
+    except BaseException:
+        stop(server)
+        raise
+    return server, url, log
 
 
 @contextlib.contextmanager

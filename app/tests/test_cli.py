@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-from servers import free_port, stop, wait_for
+from servers import start_embedded, stop
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -21,17 +20,9 @@ def clean_env(home: Path) -> dict[str, str]:
 
 def test_serve_with_no_configuration_then_publish_and_listen(tmp_path: Path) -> None:
     env = clean_env(tmp_path)
-    serve_env = {**env, "SSEHUB_HEARTBEAT": "1"}  # heartbeats while the listener waits
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "ssehub.cli", "serve", "--bind",
-                                   f"127.0.0.1:{port}"], env=serve_env, stdout=out,
-                                  stderr=subprocess.STDOUT)
+    # heartbeats every second while the listener waits
+    server, url, log = start_embedded(tmp_path, SSEHUB_HEARTBEAT="1")
     try:
-        wait_for(lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200,
-                 what="ssehub serve")
         printed = log.read_text()
         assert "embedded mode" in printed and "subscribe:" in printed and "publish:" in printed
         assert (tmp_path / ".local/share/ssehub/ssehub.sqlite3").exists()

@@ -1,8 +1,9 @@
 """The snippets ops copy (templates/) are what the roles render: one source of truth.
 
 The nginx and caddy roles read the snippets with ``lookup('file')`` and change
-only what an inventory must fill in: the upstream ``server`` lines (nginx), the
-site address, ``tls internal`` and the ``reverse_proxy`` upstreams (Caddy). This
+only what an inventory must fill in: the upstream ``server`` lines and the
+addresses of ``geo $ssehub_internal`` (nginx), the site address, ``tls internal``,
+the ``reverse_proxy`` upstreams and the ``remote_ip`` allow-list (Caddy). This
 renders the roles' own templates with Ansible (``ansible.builtin.template`` on
 localhost, about two seconds) and fails when anything else differs, so an edit
 to a snippet or to a role template that makes them drift is caught without a
@@ -16,13 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from servers import render_with_ansible, role_defaults
+from servers import render_texts, role_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 SNIPPETS = ROOT / "templates"
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 UPSTREAMS = ["10.0.0.11:8000", "10.0.0.12:8000"]
 SITE = "sse.example.org"
+# Who may read /readyz and /metrics through the proxy: the default plus a scraper.
+ALLOW = ["127.0.0.1", "::1", "10.0.0.5"]
 
 NGINX = ROOT / "roles/nginx/templates/etc/nginx"
 TEMPLATES = {
@@ -42,11 +45,10 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                  # what the inventory fills in: app hosts, the public name
                  "nginx_upstream_servers": UPSTREAMS, "caddy_upstream_servers": UPSTREAMS,
                  "caddy_site_address": SITE,
+                 "nginx_internal_allow": ALLOW, "caddy_internal_allow": ALLOW,
                  "nginx_snippets_dir": str(SNIPPETS / "nginx"),
                  "caddy_snippets_dir": str(SNIPPETS / "caddy")}
-    run = render_with_ansible(out, variables, TEMPLATES)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    return {name: (out / name).read_text() for name in TEMPLATES}
+    return render_texts(out, variables, TEMPLATES)
 
 
 def snippet(name: str) -> list[str]:
@@ -61,10 +63,23 @@ def body(text: str, first: str) -> list[str]:
     return lines[lines.index(first):]
 
 
-@pytest.mark.parametrize("name", ["ssehub-http.conf", "ssehub-locations.conf"])
-def test_nginx_snippet_is_rendered_verbatim(rendered: dict[str, str], name: str) -> None:
-    source = snippet(name)
-    assert body(rendered[name], source[0]) == source
+def test_nginx_locations_are_rendered_verbatim(rendered: dict[str, str]) -> None:
+    source = snippet("ssehub-locations.conf")
+    assert body(rendered["ssehub-locations.conf"], source[0]) == source
+
+
+def test_nginx_http_conf_differs_only_in_the_internal_addresses(rendered: dict[str, str]) -> None:
+    source = snippet("ssehub-http.conf")
+    out = body(rendered["ssehub-http.conf"], source[0])
+
+    def split(lines: list[str]) -> tuple[list[str], list[str]]:
+        start = lines.index("geo $ssehub_internal {")
+        end = lines.index("}", start)
+        return lines[:start + 1] + lines[end:], lines[start + 1:end]
+
+    (out_rest, out_geo), (source_rest, _) = split(out), split(source)
+    assert out_rest == source_rest
+    assert [line.strip() for line in out_geo] == ["default 0;"] + [f"{a} 1;" for a in ALLOW]
 
 
 def test_nginx_upstream_differs_only_in_its_server_lines(rendered: dict[str, str]) -> None:
@@ -89,9 +104,12 @@ def test_caddyfile_differs_only_in_site_address_tls_and_upstreams(rendered: dict
     rest_source = source[site + 1:]
     assert len(rest_out) == len(rest_source), (rest_out, rest_source)
     proxy = re.compile(r"reverse_proxy\s+\S+")
+    allow = re.compile(r"remote_ip\s.*$")
     for got, want in zip(rest_out, rest_source, strict=True):
         if proxy.search(want):
             assert got == proxy.sub("reverse_proxy " + " ".join(UPSTREAMS), want)
+        elif want.strip().startswith("not remote_ip "):
+            assert got == allow.sub("remote_ip " + " ".join(ALLOW), want)
         else:
             assert got == want
     assert "\ttls internal" in out  # caddy_tls_internal defaults to true

@@ -17,7 +17,7 @@ import tempfile
 import urllib.parse
 from typing import Any
 
-from . import conf, tokens
+from . import conf, logredact, tokens
 
 OWN_COMMANDS = {"serve", "publish", "listen", "token", "smoke", "settings-table"}
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -74,7 +74,8 @@ def _serve_embedded(config: conf.Config, host: str, port: int) -> None:
 Tokens are valid for 24 h; mint more with `ssehub token`. Stop with Ctrl-C.""", flush=True)
     uvicorn.run("ssehub.asgi:application", host=host, port=port, lifespan="on",
                 timeout_keep_alive=config.keepalive, server_header=False,
-                timeout_graceful_shutdown=int(config.drain_seconds) or 1)
+                timeout_graceful_shutdown=int(config.drain_seconds) or 1,
+                log_config=logredact.uvicorn_log_config())  # no ?token= in the access log
 
 
 BACKLOG = 65535

@@ -110,10 +110,18 @@ def test_stream_without_token_on_private_channel_is_refused():
     assert r.status_code in (401, 403)
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-def test_health_endpoints_through_proxy(path):
+def test_liveness_through_proxy():
     with client() as c:
-        assert c.get(path, extensions=ext()).status_code == 200
+        assert c.get("/healthz", extensions=ext()).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/readyz", "/metrics"])
+def test_readiness_and_metrics_are_hidden_from_outside(path):
+    """/readyz (the database host when it fails) and /metrics (versions, memory)
+    answer 404 to an address not in nginx_internal_allow/caddy_internal_allow
+    (loopback by default); the deploy checks each hub on its own port."""
+    with client() as c:
+        assert c.get(path, extensions=ext()).status_code == 404
 
 
 def test_plain_http_redirects_to_https():

@@ -1,5 +1,6 @@
 """caddy role on the proxy: running, validated configuration, no encode on the
-stream route, bounded grace period, admin endpoint on loopback only."""
+stream route, bounded grace period, admin endpoint on a Unix socket only root
+and caddy can reach."""
 
 import json
 import re
@@ -8,7 +9,6 @@ import pytest
 from conftest import (
     ROOT,
     WILDCARD,
-    is_loopback,
     listen_addresses,
     ports_of_unit,
     seconds,
@@ -18,8 +18,10 @@ from conftest import (
 
 testinfra_hosts = ["proxy"]
 
-# Caddy's admin endpoint (localhost:2019): the role's Caddyfile leaves it as is.
+# Caddy's admin endpoint: the role moves it off localhost:2019 (no authentication:
+# any local user could rewrite the proxy there) to a Unix socket.
 ADMIN_PORT = 2019
+ADMIN_SOCKET = setting("caddy_admin_socket")
 HTTP_PORT, HTTPS_PORT = 80, 443
 SNIPPET = ROOT / "templates" / "caddy" / "Caddyfile.ssehub"
 
@@ -49,8 +51,10 @@ def _caddy_only(host):
 
 @pytest.fixture(scope="module")
 def running(host, _caddy_only):
-    """The configuration Caddy runs, from its admin API (the adapted Caddyfile)."""
-    return json.loads(host.check_output(f"curl -fsS -m 3 http://127.0.0.1:{ADMIN_PORT}/config/"))
+    """The configuration Caddy runs, from its admin API (the adapted Caddyfile).
+    Over the Unix socket Caddy wants an empty Host."""
+    return json.loads(host.check_output(
+        f"curl -fsS -m 3 -H 'Host: ' --unix-socket {ADMIN_SOCKET} http://localhost/config/"))
 
 
 def test_caddy_is_enabled_and_running(host):
@@ -96,15 +100,26 @@ def test_caddyfile_validates(host):
 
 @pytest.mark.parametrize(
     ("port", "where"),
-    [(HTTP_PORT, "public"), (HTTPS_PORT, "public"), (ADMIN_PORT, "loopback")],
+    [(HTTP_PORT, "public"), (HTTPS_PORT, "public"), (ADMIN_PORT, "nowhere")],
     ids=["http", "https", "admin"],
 )
 def test_caddy_listens_only_where_it_should(host, port, where):
     """HTTP and HTTPS on every address; the admin API (it can rewrite the
-    configuration) on loopback only; no other TCP port."""
+    configuration) on no TCP port at all; no other TCP port."""
     addrs = listen_addresses(host, port)
     if where == "public":
         assert addrs and addrs <= WILDCARD, addrs
     else:
-        assert addrs and all(is_loopback(a) for a in addrs), addrs
-    assert ports_of_unit(host, "caddy.service") == {HTTP_PORT, HTTPS_PORT, ADMIN_PORT}
+        assert not addrs, addrs
+    assert ports_of_unit(host, "caddy.service") == {HTTP_PORT, HTTPS_PORT}
+
+
+def test_admin_socket_is_reachable_by_root_and_caddy_only(host, running):
+    """The socket's folder is caddy's, 0700: another user (nobody, the hub's)
+    cannot even reach the socket; root reads the configuration (`running`)."""
+    folder = host.file(ADMIN_SOCKET.rsplit("/", 1)[0])
+    assert (folder.user, folder.mode) == ("caddy", 0o700)
+    assert running["admin"]["listen"] == f"unix/{ADMIN_SOCKET}"
+    denied = host.run(f"runuser -u nobody -- curl -sS -m 3 -H 'Host: ' --unix-socket "
+                      f"{ADMIN_SOCKET} http://localhost/config/")
+    assert denied.rc != 0, denied.stdout
