@@ -6,7 +6,18 @@ import subprocess
 import time
 
 import pytest
-from conftest import PROXY_PORT, PUBLIC_HOST, client, ext, new_channel, publish, setting, token
+from conftest import (
+    PROXY_PORT,
+    PUBLIC_HOST,
+    client,
+    ext,
+    get_host,
+    hosts_in,
+    new_channel,
+    publish,
+    setting,
+    token,
+)
 
 
 def test_published_event_reaches_stream_through_proxy_within_1s(stream_factory):
@@ -110,6 +121,25 @@ def test_stream_without_token_on_private_channel_is_refused():
     assert r.status_code in (401, 403)
 
 
+def test_a_token_in_the_query_is_redacted_in_the_proxys_logs():
+    """EventSource without a cookie sends its token as ?token=: the deployed
+    proxy's access log (nginx's file, Caddy's journal) writes REDACTED."""
+    sub = token(subscribe=["nothing.*"])  # 403 at once: the request ends, is logged
+    channel = new_channel()
+    with client() as c:
+        r = c.get("/events/", params={"channel": channel, "token": sub}, extensions=ext())
+    assert r.status_code == 403
+    proxy = get_host(hosts_in("proxy")[0])
+    read = ("journalctl -u caddy --no-pager -o cat -n 5000" if proxy.exists("caddy")
+            else "cat /var/log/nginx/access.log")
+    wanted = f"channel={channel}&token=REDACTED"
+    deadline = time.monotonic() + 10
+    while wanted not in (out := proxy.check_output(read)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert wanted in out
+    assert sub not in out
+
+
 def test_liveness_through_proxy():
     with client() as c:
         assert c.get("/healthz", extensions=ext()).status_code == 200
@@ -122,6 +152,23 @@ def test_readiness_and_metrics_are_hidden_from_outside(path):
     (loopback by default); the deploy checks each hub on its own port."""
     with client() as c:
         assert c.get(path, extensions=ext()).status_code == 404
+
+
+def test_readiness_answers_on_the_proxy_host_itself():
+    """Loopback is in the default allow-list: checks on the proxy host get through."""
+    proxy = get_host(hosts_in("proxy")[0])
+    code = proxy.check_output(
+        f"curl -sk -m 5 -o /dev/null -w '%{{http_code}}' --resolve {PUBLIC_HOST}:443:127.0.0.1 "
+        f"https://{PUBLIC_HOST}/readyz")
+    assert code == "200"
+
+
+def test_answers_carry_hsts_and_refuse_framing_through_proxy():
+    with client() as c:
+        headers = c.get("/healthz", extensions=ext()).headers
+    assert headers.get("strict-transport-security") == "max-age=31536000"
+    assert headers.get("x-frame-options") == "DENY"
+    assert headers.get("content-security-policy") == "frame-ancestors 'none'"
 
 
 def test_plain_http_redirects_to_https():
