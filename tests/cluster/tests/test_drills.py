@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -164,19 +165,50 @@ def restart_proxy() -> None:
     _wait(proxy, f"systemctl is-active -q {unit}", unit)
 
 
-def rolling_deploy() -> None:
-    """site.yml, as an operator runs it, with one changed setting (an extra
-    variable in the hub's environment): its app play restarts one host at a
-    time (serial: 1), and its smoke test runs last."""
+def site_yml(**extra: Any) -> subprocess.CompletedProcess[str]:
+    """site.yml as an operator runs it, with extra variables; its smoke test last."""
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
            "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_PIPELINING": "true"}
-    changed = json.dumps({"ssehub_extra_env": {"SSEHUB_DRILL_DEPLOY": uuid.uuid4().hex},
-                          "ssehub_smoke_connect_to": f"127.0.0.1:{PROXY_PORT}"})
-    cmd = ["timeout", "600", "ansible-playbook", "-i", str(EPHEMERAL / "inventory"),
-           str(ROOT / "site.yml"), "-e", changed]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"the deploy failed: {done.stdout[-3000:]}{done.stderr[-2000:]}"
+    extra = {"ssehub_smoke_connect_to": f"127.0.0.1:{PROXY_PORT}", **extra}
+    cmd = ["timeout", "900", "ansible-playbook", "-i", str(EPHEMERAL / "inventory"),
+           str(ROOT / "site.yml"), "-e", json.dumps(extra)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+
+
+def _deployed(done: subprocess.CompletedProcess[str], what: str) -> None:
+    assert done.returncode == 0, f"{what} failed: {done.stdout[-3000:]}{done.stderr[-2000:]}"
     assert "RUNNING HANDLER [ssehub : Restart ssehub]" in done.stdout, "nothing restarted"
+
+
+def rolling_deploy() -> None:
+    """One changed setting (an extra variable in the hub's environment): the
+    app play restarts one host at a time (serial: 1)."""
+    _deployed(site_yml(ssehub_extra_env={"SSEHUB_DRILL_DEPLOY": uuid.uuid4().hex}),
+              "the deploy")
+
+
+def live_releases() -> dict[str, str]:
+    return {name: get_host(name).check_output(
+                f"basename $(readlink -f {setting('ssehub_home')}/current)")
+            for name in hosts_in("app")}
+
+
+def deploy_and_roll_back() -> None:
+    """A new release (the app's source with one file added) goes live through
+    site.yml, then ``ssehub_rollback=true`` puts the release before it back,
+    one app host at a time, with no build or install."""
+    before = live_releases()
+    source = EPHEMERAL / "drill-release"
+    shutil.rmtree(source, ignore_errors=True)
+    shutil.copytree(ROOT / "app", source, ignore=shutil.ignore_patterns(
+        "tests", "build", "*.egg-info", "__pycache__", ".mypy_cache"))
+    (source / "src" / "ssehub" / "drill_release.py").write_text(
+        f'"""A release made by the rollback drill."""\nMARK = "{uuid.uuid4().hex}"\n')
+    _deployed(site_yml(ssehub_source_dir=str(source)), "the new release's deploy")
+    new = live_releases()
+    assert all(new[h] != before[h] for h in new), (before, new)
+    _deployed(site_yml(ssehub_rollback=True), "the rollback")
+    assert live_releases() == before, "the rollback did not return to the release before"
 
 
 DRILLS: dict[str, Callable[[], None]] = {
@@ -189,6 +221,7 @@ DRILLS: dict[str, Callable[[], None]] = {
     "proxy reload": reload_proxy,
     "proxy restart": restart_proxy,
     "rolling deploy of a changed setting": rolling_deploy,
+    "deploy of a new release, then a rollback": deploy_and_roll_back,
 }
 # A single host has one of each: its proxy drills are the ones that say
 # something about the proxy (the rest are the cluster's).
@@ -449,3 +482,23 @@ def test_drill(drill: str) -> None:
     assert figures.longest_down <= MAX_OUTAGE and figures.longest_behind <= MAX_OUTAGE, line
     if DRILLS[drill] is lose_app_host:
         assert figures.rate_kept >= KEPT_RATE, line
+
+
+@pytest.mark.skipif(SCENARIO != "cluster", reason="the rollback drill runs on the cluster")
+def test_rollback_is_refused_on_a_database_migrated_past_the_previous_release() -> None:
+    """The previous release (after the drill: the one rolled back from) must know
+    every applied migration; one it lacks stops the rollback on the first host."""
+    postgres = get_host(hosts_in("postgres")[0])
+    database = setting("ssehub_database_name")
+    row = "('ssehub', '9999_from_a_later_release', now())"
+    _sh(postgres, f"runuser -u postgres -- psql -d {database} -c "
+                  f"\"INSERT INTO django_migrations (app, name, applied) VALUES {row}\"")
+    try:
+        before = live_releases()
+        done = site_yml(ssehub_rollback=True)
+        assert done.returncode != 0
+        assert "ssehub.9999_from_a_later_release" in done.stdout, done.stdout[-3000:]
+        assert live_releases() == before, "a refused rollback changed a host"
+    finally:
+        _sh(postgres, f"runuser -u postgres -- psql -d {database} -c \"DELETE FROM "
+                      "django_migrations WHERE name = '9999_from_a_later_release'\"")
