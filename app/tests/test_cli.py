@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -79,3 +80,23 @@ def test_django_management_commands_through_the_same_entry_point(tmp_path: Path)
         [sys.executable, "-m", "ssehub.cli", "collectstatic", "--noinput"], env=env,
         capture_output=True, text=True, timeout=60).stdout
     assert "[X] 0001" in done.stdout  # migrate applied the app's migrations
+
+
+HOT_PATH = ["uvicorn", "httptools", "uvloop", "gunicorn", "redis", "hiredis", "psycopg", "Django"]
+
+
+def test_version_names_the_hub_and_the_locked_libraries_of_the_hot_path(tmp_path: Path) -> None:
+    """`ssehub --version` on a host says what the release runs; here, what the lock pins."""
+    from importlib import metadata
+
+    from test_lock import LOCK, parse_lock
+
+    done = subprocess.run([sys.executable, "-m", "ssehub.cli", "--version"],
+                          env=clean_env(tmp_path), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    first, *rest = done.stdout.splitlines()
+    assert first == f"ssehub {metadata.version('ssehub')} (Python {platform.python_version()})"
+    printed = dict(line.split(" ", 1) for line in rest)
+    assert list(printed) == HOT_PATH
+    pins, _ = parse_lock(LOCK.read_text())
+    assert printed == {name: str(pins[name.lower()]) for name in HOT_PATH}

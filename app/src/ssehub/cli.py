@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
 import urllib.parse
+from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
 from . import conf, logredact, tokens
@@ -221,10 +224,45 @@ def cmd_settings_table(args: argparse.Namespace) -> None:
     print(conf.settings_table())
 
 
+# What a stream's bytes go through, in the order of the path: the server and its
+# parser and loop, the process manager, the brokers' clients, the framework.
+# Their versions come from the release's lock (app/requirements.lock); an upgrade
+# of one of them can change the hub's figures, so `ssehub --version` names them.
+HOT_PATH_LIBRARIES = ("uvicorn", "httptools", "uvloop", "gunicorn", "redis", "hiredis",
+                      "psycopg", "Django")
+
+
+def version_text() -> str:
+    """The hub's version and Python's, then one ``name version`` line per hot-path library."""
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"ssehub {version('ssehub')} (Python {platform.python_version()})"]
+    return "\n".join(lines + [f"{name} {version(name)}" for name in HOT_PATH_LIBRARIES])
+
+
+class _VersionAction(argparse.Action):
+    """argparse's own version action reflows the text into one paragraph."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of the hub and its hot path's libraries")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssehub", description="Durable Server-Sent Events for Django. Other commands "
         "(migrate, collectstatic, ...) are Django's.")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the hub")
