@@ -1,11 +1,14 @@
 """ssehub role on app hosts: service, hardening, env file, health."""
 
+import hashlib
 import json
 import posixpath
+import re
 import time
 
 import pytest
 from conftest import (
+    ROOT,
     SCENARIO,
     hostname,
     hosts_in,
@@ -74,6 +77,30 @@ def test_service_runs_as_its_own_user_with_no_new_privileges(host):
     props = host.check_output("systemctl show ssehub --property User,NoNewPrivileges,ProtectSystem")
     assert f"User={setting('ssehub_user')}" in props
     assert "NoNewPrivileges=yes" in props and "ProtectSystem=strict" in props
+
+
+def _canonical(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_release_is_its_source_and_lock_and_runs_the_locked_versions(host):
+    """The release is named by the source's hash and the lock's, keeps the lock it was
+    built from, and its venv holds exactly the lock's versions, which ssehub --version
+    shows for the hot path."""
+    lock = (ROOT / "app" / "requirements.lock").read_text()
+    current = host.file(f"{setting('ssehub_home')}/current").linked_to
+    lock_hash = hashlib.sha256(lock.encode()).hexdigest()[:16]
+    assert re.fullmatch(rf"[0-9a-f]{{16}}-{lock_hash}-py3\.\d+\.\d+", posixpath.basename(current))
+    assert host.file(f"{current}/requirements.lock").content_string == lock
+    pins = {_canonical(n): v for n, v in re.findall(r"^([A-Za-z0-9][\w.-]*)==(\S+)", lock, re.M)}
+    listed = host.check_output(
+        f"{current}/venv/bin/pip list --format=json --disable-pip-version-check")
+    installed = {_canonical(d["name"]): d["version"] for d in json.loads(listed)}
+    assert {n: installed.get(n) for n in pins} == pins
+    assert set(installed) - set(pins) == {"pip", "ssehub"}
+    lines = host.check_output(f"{current}/venv/bin/ssehub --version").splitlines()
+    printed = {_canonical(name): v for name, v in (line.split(" ", 1) for line in lines[1:])}
+    assert printed and printed == {n: pins[n] for n in printed}
 
 
 # Where each layout puts the hub: the single host serves its own proxy over a
