@@ -73,7 +73,9 @@ class Echo(http.server.BaseHTTPRequestHandler):
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
-        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+        # every value of a header, joined: a header sent twice shows as "a, a"
+        body = json.dumps({k.lower(): ", ".join(self.headers.get_all(k) or [])
+                           for k in self.headers}).encode()
         self.send_response(503 if "fail=1" in self.path else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
