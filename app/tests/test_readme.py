@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,21 @@ def test_every_test_the_readme_names_exists() -> None:
 
 
 def test_every_ssehub_command_in_the_readme_exists() -> None:
-    subcommands = set(cli.build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    mentioned = set(re.findall(r"`ssehub ([a-z-]+)", README))
-    django = {"migrate", "collectstatic"}
-    assert mentioned - django <= subcommands, mentioned - django - subcommands
+    parser = cli.build_parser()
+    subcommands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    options = set(parser._option_string_actions)  # ssehub --version
+    mentioned = set(re.findall(r"`ssehub ([a-z_-]+)", README))
+    django = {"migrate", "collectstatic", "migrations_known"}  # management commands
+    assert mentioned - django <= subcommands | options, mentioned - django - subcommands - options
+
+
+def test_every_make_target_the_readme_names_exists() -> None:
+    """`make lock`, `make up`, ...: in the text and at the start of a line in its blocks."""
+    named = set(re.findall(r"(?:`|^)(?:[A-Z_]+=\S+ )*make ([a-z][\w-]*)", README, re.M))
+    database = subprocess.run(["make", "-pq", "help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60).stdout
+    targets = set(re.findall(r"^([a-z][\w-]*):", database, re.M))
+    assert "lock" in named and named <= targets, sorted(named - targets)
 
 
 def test_a_bad_setting_names_the_variable() -> None:
