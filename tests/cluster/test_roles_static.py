@@ -7,14 +7,18 @@
 - every default has a comment above it (defaults/main.yml is the role's API);
 - every public variable starts with the role's name;
 - where the proxies reach the hubs, single host (Unix socket) and apart (TCP),
-  and which hosts get the proxy's keepalive timing.
+  and which hosts get the proxy's keepalive timing;
+- the ssehub role's wheelhouse is the same bytes from a fresh copy of the
+  source (this one downloads the lock's wheels from the package index).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +231,41 @@ def test_only_a_proxy_apart_from_its_app_hosts_gets_the_proxy_keepalive(tmp_path
     assert apart["app1"]["__common_sysctl"] == common
     single = _render_layout(tmp_path / "single", LAYOUTS["single-host"])
     assert single["sse1"]["__common_sysctl"] == common
+
+
+def _build_wheelhouse(tmp_path: Path, source: Path, umask: int) -> Path:
+    """The ssehub role's build tasks on this machine, as a controller runs them."""
+    playbook = [{"name": "Build a wheelhouse as the ssehub role does", "hosts": "localhost",
+                 "connection": "local", "gather_facts": True,
+                 "vars": {"ansible_python_interpreter": sys.executable},
+                 "tasks": [{"name": "Run the role's build tasks",
+                            "ansible.builtin.include_role": {"name": "ssehub",
+                                                             "tasks_from": "build.yml"}}]}]
+    (tmp_path / "build.yml").write_text(yaml.safe_dump(playbook))
+    (tmp_path / "ansible.cfg").write_text("[defaults]\n")
+    env = {**os.environ, "ANSIBLE_CONFIG": str(tmp_path / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "PIP_CACHE_DIR": str(tmp_path / "pip")}
+    extra = {"ssehub_source_dir": str(source), "ssehub_wheelhouse_cache": str(tmp_path / "wh")}
+    run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,",
+                          str(tmp_path / "build.yml"), "-e", json.dumps(extra)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600,
+                         preexec_fn=lambda: os.umask(umask))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    (tar,) = (tmp_path / "wh").glob("ssehub-*.tar")
+    return tar
+
+
+def test_a_fresh_controller_builds_the_same_wheelhouse(tmp_path: Path) -> None:
+    """A release is the commit plus its lock: a copy of the source with new file times,
+    group-writable files, umask 002 and an empty pip cache builds the same tar."""
+    copy = tmp_path / "fresh" / "app"
+    shutil.copytree(ROOT / "app", copy, copy_function=shutil.copy, ignore=shutil.ignore_patterns(
+        "tests", "build", "*.egg-info", "__pycache__", ".mypy_cache"))
+    for path in copy.rglob("*"):
+        path.chmod(path.stat().st_mode | 0o020)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    here = _build_wheelhouse(tmp_path / "here", ROOT / "app", 0o022)
+    there = _build_wheelhouse(tmp_path / "there", copy, 0o002)
+    assert here.name == there.name
+    assert hashlib.sha256(here.read_bytes()).digest() == hashlib.sha256(there.read_bytes()).digest()
