@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 django_app = get_asgi_application()
 STREAM_PATH = "/events/"
+WS_POLICY_VIOLATION = 1008
 PUBLISH_PATH = "/publish/"
 
 
@@ -85,5 +86,18 @@ async def application(scope: Scope, receive: Receive, send: Send) -> None:
         await publish_app(scope, receive, send)
     elif scope["type"] == "lifespan":
         await lifespan(receive, send)
+    elif scope["type"] == "websocket":
+        await refuse_websocket(receive, send)
     else:
         await django_app(scope, receive, send)  # type: ignore[arg-type]
+
+
+async def refuse_websocket(receive: Receive, send: Send) -> None:
+    """No path speaks WebSocket: close the handshake, which servers answer with 403.
+
+    uvicorn hands an upgrade to the app when a WebSocket library is installed, and
+    Caddy forwards upgrades; Django raised on it ("Exception in ASGI application", 500).
+    """
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MIN_SECRET_BYTES = 32
+
 
 class ConfigError(Exception):
     """A setting has a bad value; the message names the variable."""
@@ -169,7 +171,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SSEHUB_DRAIN_SECONDS", "10",
             "On SIGTERM, open streams are closed within this many seconds.", _positive_float),
     Setting("SSEHUB_MAX_EVENT_BYTES", "65536",
-            "Largest `data` accepted by `POST /publish/` (UTF-8 bytes); larger gets 413.",
+            "Largest `data` accepted by `POST /publish/` (UTF-8 bytes, counted as framed: each "
+            "line break adds the 6 bytes of its `data: `); larger gets 413.",
             _positive_int),
     Setting("SSEHUB_RETENTION_EVENTS", "1000",
             "Events kept per channel for `Last-Event-ID` replay.", _positive_int),
@@ -276,8 +279,13 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     for name in ("SSEHUB_TOKEN_SECRET", "SSEHUB_SECRET_KEY"):
         key = name.removeprefix("SSEHUB_").lower()
         if values[key]:
-            if not config.embedded and len(values[key]) < 32:
-                raise ConfigError(f"{name} is too short: use at least 32 random characters")
+            # Embedded too: a development hub on a shared machine or a forwarded port
+            # is reachable, and a guessable secret mints any token.
+            if len(values[key].encode()) < MIN_SECRET_BYTES:
+                raise ConfigError(
+                    f"{name} is too short ({len(values[key].encode())} bytes): use at least "
+                    f"{MIN_SECRET_BYTES} random bytes, e.g. python3 -c 'import secrets; "
+                    "print(secrets.token_urlsafe(48))'")
             continue
         if not config.embedded:
             raise ConfigError(

@@ -61,6 +61,8 @@ def _parse(content_type: str, body: bytes) -> dict[str, Any]:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise PublishError(f"body is not valid JSON: {exc}") from None
+        except RecursionError:  # it logged a traceback of a thousand frames
+            raise PublishError("body is not valid JSON: nested too deeply") from None
         if not isinstance(parsed, dict):
             raise PublishError("JSON body must be an object with channel, event and data")
         return parsed

@@ -11,9 +11,12 @@ from . import channels
 MAX_EVENT_NAME = 64
 MISSING: Any = object()  # no "data" field at all (JSON null is a value: data "null")
 MAX_IDEMPOTENCY_KEY = 200
+FRAMED_LINE_BYTES = len("data: ")  # what each line break of data adds to the frame
 # Event names the hub sends itself and clients act on: "reset" (stream.py, a
 # Last-Event-ID it cannot replay; hub.py, a lost history). A publisher may not forge them.
-RESERVED_EVENTS = frozenset({"reset"})
+# Nor EventSource's own: a published "event: error" fires the page's onerror (its
+# reconnect UI), "open" its onopen, as if the connection had failed or opened.
+RESERVED_EVENTS = frozenset({"reset", "error", "open"})
 
 
 class PublishError(ValueError):
@@ -61,6 +64,8 @@ def prepare(channel: Any, data: Any, event: Any = None, idempotency_key: Any = N
             data = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise PublishError(f"data is not JSON-serialisable: {exc}") from None
+        except RecursionError:
+            raise PublishError("data is not JSON-serialisable: nested too deeply") from None
     try:
         size = len(data.encode())
     except UnicodeEncodeError:
@@ -71,6 +76,14 @@ def prepare(channel: Any, data: Any, event: Any = None, idempotency_key: Any = N
         raise PublishError("data must not contain NUL (U+0000)")
     if size > max_bytes:
         raise PublishError(f"data is {size} bytes, above SSEHUB_MAX_EVENT_BYTES={max_bytes}", 413)
+    # Framed, every line of data gets its own "data: " (sse.encode): 64 KB of newlines
+    # was a 455 KB frame to every subscriber. Counted here, once per publish.
+    breaks = data.count("\n") + data.count("\r") - data.count("\r\n")
+    if breaks and size + FRAMED_LINE_BYTES * breaks > max_bytes:
+        raise PublishError(
+            f"data is {size + FRAMED_LINE_BYTES * breaks} bytes as framed ({breaks} line "
+            f"breaks, each adds {FRAMED_LINE_BYTES} bytes of 'data: '), above "
+            f"SSEHUB_MAX_EVENT_BYTES={max_bytes}", 413)
     if idempotency_key is not None:
         if (not isinstance(idempotency_key, str) or not idempotency_key
                 or len(idempotency_key) > MAX_IDEMPOTENCY_KEY

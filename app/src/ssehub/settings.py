@@ -43,7 +43,8 @@ TEMPLATES = [{
 if _config.database_url:
     _db: dict[str, Any] = dict(dj_database_url.parse(_config.database_url, conn_max_age=0))
 else:
-    _config.data_dir.mkdir(parents=True, exist_ok=True)
+    # 0700 as when secrets are generated into it: the database is the demo's messages.
+    _config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(_config.data_dir / "ssehub.sqlite3")}
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -44,6 +44,7 @@ MAX_CHANNELS = 32
 REPLAY_WRITE_BYTES = 256 * 1024
 REPLAY_PAGE_EVENTS = 64
 NEVER_ISSUED = 2**63 - 1
+MAX_ID_DIGITS = len(str(NEVER_ISSUED))
 DIRECT_ATTRIBUTES = ("transport", "flow", "disconnected", "chunked_encoding")
 COOKIE_NAME = "ssehub_token"
 STREAM_HEADERS = [
@@ -164,7 +165,11 @@ async def _catch_up(hub: Hub, subscriber: Subscriber, names: list[str], last_id:
     """
     # An id that is not ours at all ("abc", "-1") is an id never issued: a reset
     # that carries the newest id, like any other unknown id.
-    after = int(last_id) if last_id.isascii() and last_id.isdigit() else NEVER_ISSUED
+    # So is one longer than any id can be: int() refuses over 4,300 digits, which
+    # cut the stream with "Exception in ASGI application" instead of a reset.
+    after = (min(int(last_id), NEVER_ISSUED)
+             if last_id.isascii() and last_id.isdigit() and len(last_id) <= MAX_ID_DIGITS
+             else NEVER_ISSUED)
     cursor = after
     while not subscriber.closed:
         replay = await hub.replay(names, cursor, REPLAY_PAGE_EVENTS)

@@ -8,6 +8,15 @@ Any JWT library can mint them, so users' own backends need not install ssehub::
 
 Only HS256 is accepted (never ``none``), ``exp`` is required, and a token is
 checked once per request, never per event.
+
+What is accepted, so tokens from other JWT libraries work (README, "The HTTP
+contract"): ``exp`` must be an integer (a JSON number without fraction or
+exponent) from 1 to MAX_EXP; a string or ``1e300`` is refused, and a value no
+date type can hold (``10**400``) is a 401, not a 500. ``exp`` and ``nbf`` allow
+LEEWAY_SECONDS of clock skew. The registered claims the contract does not use
+(``iat``, ``sub``, ``jti``, ``aud``, ``iss``) and any other claim are ignored,
+whatever their type: PyJWT's checks refused an integer ``sub``, any ``aud``
+and an ``iat`` a second ahead of this clock.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from . import channels
 
 ALGORITHM = "HS256"
 CLAIM = "ssehub"
+LEEWAY_SECONDS = 5  # clock skew allowed on exp and nbf: NTP-synced hosts are far closer
+MAX_EXP = 253402300799  # 9999-12-31T23:59:59Z, the last second a datetime holds
 
 
 class TokenError(Exception):
@@ -65,24 +76,32 @@ def verify(secret: str, token: str) -> Grant:
     rest of a publish); its ``exp`` is checked again at every use.
     """
     grant, expires = _verified(secret, token)
-    if expires <= time.time():
+    if expires + LEEWAY_SECONDS <= time.time():
         raise TokenError("token expired")
     return grant
 
 
 @lru_cache(maxsize=4096)
-def _verified(secret: str, token: str) -> tuple[Grant, float]:
+def _verified(secret: str, token: str) -> tuple[Grant, int]:
     try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
-                            options={"require": ["exp"]})
-    except jwt.ExpiredSignatureError:
-        raise TokenError("token expired") from None
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], leeway=LEEWAY_SECONDS,
+                            options={"require": ["exp"], "verify_exp": False,
+                                     "verify_iat": False, "verify_aud": False,
+                                     "verify_iss": False, "verify_sub": False,
+                                     "verify_jti": False})
     except jwt.MissingRequiredClaimError:
         raise TokenError("token has no exp claim") from None
-    except jwt.InvalidTokenError:
+    except jwt.ImmatureSignatureError:
+        raise TokenError("token not valid yet (nbf)") from None
+    except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError, RecursionError):
+        # PyJWT's own checks raise more than InvalidTokenError on odd claims (an nbf of
+        # 1e400 is an OverflowError): any of them is a bad token, a 401, one log line.
         raise TokenError("token invalid") from None
+    expires = claims["exp"]
+    if type(expires) is not int or not 0 < expires <= MAX_EXP:
+        raise TokenError(f"token exp must be an integer from 1 to {MAX_EXP}")
     grant = claims.get(CLAIM)
     if not isinstance(grant, dict):
         raise TokenError(f"token has no {CLAIM} claim")
     return (Grant(_patterns(grant.get("publish"), "publish"),
-                  _patterns(grant.get("subscribe"), "subscribe")), float(claims["exp"]))
+                  _patterns(grant.get("subscribe"), "subscribe")), expires)
