@@ -269,3 +269,16 @@ def test_a_fresh_controller_builds_the_same_wheelhouse(tmp_path: Path) -> None:
     there = _build_wheelhouse(tmp_path / "there", copy, 0o002)
     assert here.name == there.name
     assert hashlib.sha256(here.read_bytes()).digest() == hashlib.sha256(there.read_bytes()).digest()
+
+
+def test_the_chat_demo_is_on_only_in_the_vagrant_inventory() -> None:
+    """Anyone may post to the demo: the role leaves it off, and so do the inventories
+    users copy (single-host, which the cluster scenarios also read, and
+    production.example); the Vagrant inventory turns it on for the URL make up prints."""
+    assert _defaults("ssehub")["ssehub_demo"] is False
+    inventories = ROOT / "inventories"
+    for copied in ("single-host", "production.example"):
+        for path in (inventories / copied / "group_vars").rglob("*.yml"):
+            assert "ssehub_demo" not in (yaml.safe_load(path.read_text()) or {}), path
+    vagrant = yaml.safe_load((inventories / "vagrant/group_vars/all/vagrant.yml").read_text())
+    assert vagrant["ssehub_demo"] is True
