@@ -26,6 +26,13 @@ Design choices (H1-H5 in FAILURE-MODES.md):
   dump, a failover to a replica that lagged: it then starts a new history
   itself, above them), sends ``event: reset`` to every stream of its channels.
   A replay from ``0 < after < epoch`` is a reset too.
+- A channel quiet for the retention holds nothing: a publish trims its own
+  channel, and a clean-up (at least once a minute and every 1000th publish of
+  a hub, a bounded batch through the ``published_at`` index) deletes what is
+  older than the retention in every channel. It keeps one floor for all (the
+  highest id it deleted) instead of one per channel: a channel whose oldest
+  retained id is above a client's id, or that holds nothing, gets a reset for an
+  id below it, as on Redis. A store with no publish cleans up at the next one.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from psycopg_pool import AsyncConnectionPool
 from ..channels import scoped_key
 from ..conf import postgres_conninfo
 from ..sse import Event
-from . import Broker, BrokerUnavailable, Published, Replay, new_history_base
+from . import ABOVE_EVERY_ID, Broker, BrokerUnavailable, Published, Replay, new_history_base
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,7 @@ CREATE TABLE IF NOT EXISTS ssehub_event (
     published_at double precision NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ssehub_event_channel_id ON ssehub_event (channel, id);
+CREATE INDEX IF NOT EXISTS ssehub_event_published_at ON ssehub_event (published_at);
 CREATE TABLE IF NOT EXISTS ssehub_floor (
     channel text PRIMARY KEY,
     floor bigint NOT NULL
@@ -109,6 +117,38 @@ SELECT %(channel)s, max(id) FROM gone HAVING max(id) IS NOT NULL
 ON CONFLICT (channel) DO UPDATE SET floor = GREATEST(ssehub_floor.floor, EXCLUDED.floor)
 """
 
+# The clean-up's share of the age limit, across channels: a channel that got no
+# publish for longer than the retention holds nothing. One bounded batch at a time,
+# oldest first (the published_at index), so a publish never waits behind a long one.
+EXPIRE = """
+WITH gone AS (
+    DELETE FROM ssehub_event WHERE id IN (
+        SELECT id FROM ssehub_event WHERE published_at < %(cutoff)s
+        ORDER BY published_at LIMIT %(batch)s)
+    RETURNING id)
+SELECT count(*), max(id) FROM gone
+"""
+# The highest id the clean-up deleted, under a channel name no channel has; a
+# channel's own floor at or below it says nothing more, and goes too.
+EXPIRED = ""
+EXPIRED_FLOOR = """
+INSERT INTO ssehub_floor (channel, floor) VALUES (%(expired)s, %(floor)s)
+ON CONFLICT (channel) DO UPDATE SET floor = GREATEST(ssehub_floor.floor, EXCLUDED.floor)
+"""
+# For replay: the channels' floors, the clean-up's, and the highest of the channels'
+# oldest retained ids (ABOVE_EVERY_ID for a channel that holds none).
+FLOORS = """
+SELECT (SELECT COALESCE(max(floor), 0) FROM ssehub_floor WHERE channel = ANY(%(channels)s)),
+       (SELECT floor FROM ssehub_floor WHERE channel = %(expired)s),
+       (SELECT max(COALESCE((SELECT min(id) FROM ssehub_event e WHERE e.channel = c),
+                            %(above)s))
+        FROM unnest(%(channels)s::text[]) AS c)
+"""
+# How often a hub's publishes run the clean-up (at most; at least every 1000th
+# publish), and the most events one run deletes.
+CLEAN_UP_SECONDS = 60.0
+CLEAN_UP_BATCH = 10_000
+
 
 class PostgresBroker(Broker):
     def __init__(self, url: str, config: Any) -> None:
@@ -124,6 +164,7 @@ class PostgresBroker(Broker):
         self._task: asyncio.Task[None] | None = None
         self._schema_ready = False
         self._publishes = 0
+        self._next_clean_up = 0.0
         # A private channel that wakes the listener out of its wait when interest changes.
         self._wake_channel = f"ssehub_wake_{os.getpid()}_{id(self):x}"
         self._waiting = False
@@ -377,15 +418,31 @@ class PostgresBroker(Broker):
                                           "keep": self.config.retention_events})
                 await conn.execute("SELECT pg_notify(%s, %s)", (channel, f"{MARKER}{event_id}"))
             self._publishes += 1
-            if self._publishes % 1000 == 0:
-                await self._expire_idempotency(now)
+            if self._publishes % 1000 == 0 or now >= self._next_clean_up:
+                await self._clean_up(now)
             return event_id
         except (psycopg.Error, OSError, TimeoutError) as exc:
             raise self._unavailable(exc) from exc
 
-    async def _expire_idempotency(self, now: float) -> None:
+    async def _clean_up(self, now: float) -> None:
+        """Delete what is older than the retention in every channel, and expired
+        Idempotency-Keys; remember the highest id deleted (replay's EXPIRED floor)."""
+        retention = self.config.retention_seconds
+        self._next_clean_up = now + min(CLEAN_UP_SECONDS, retention / 4)
         async with self.pool.connection() as conn:
             await conn.execute("DELETE FROM ssehub_idempotency WHERE expires < %s", (now,))
+            cur = await conn.execute(EXPIRE, {"cutoff": now - retention,
+                                              "batch": CLEAN_UP_BATCH})
+            row = await cur.fetchone()
+            if row is None or row[1] is None:
+                return
+            if int(row[0]) >= CLEAN_UP_BATCH:
+                self._next_clean_up = now  # more to delete: again at the next publish
+            async with conn.transaction():
+                await conn.execute(EXPIRED_FLOOR, {"expired": EXPIRED, "floor": int(row[1])})
+                await conn.execute(
+                    "DELETE FROM ssehub_floor WHERE channel <> %s AND floor <= %s",
+                    (EXPIRED, int(row[1])))
 
     async def replay(self, channels: Sequence[str], after: int,
                      limit: int | None = None) -> Replay:
@@ -397,11 +454,18 @@ class PostgresBroker(Broker):
                     return Replay(reset=True, head=head)
                 if 0 < after < (epoch or 0):
                     return Replay(reset=True, head=head, reason="history lost")
-                cur = await conn.execute(
-                    "SELECT COALESCE(max(floor), 0) FROM ssehub_floor WHERE channel = ANY(%s)",
-                    (list(channels),))
+                cur = await conn.execute(FLOORS, {"channels": list(channels),
+                                                  "expired": EXPIRED,
+                                                  "above": ABOVE_EVERY_ID - 1})  # a bigint
                 row = await cur.fetchone()
-                if row and after < int(row[0]):
+                assert row is not None
+                if after < int(row[0]):
+                    return Replay(reset=True, head=head)
+                # The clean-up deleted ids up to its floor, in any channel: a channel
+                # whose oldest retained id is above the client's next one may have
+                # lost events it missed (every id of the history from 0).
+                lowest = max(after, epoch or 0)
+                if row[1] is not None and lowest < int(row[1]) and lowest < int(row[2] or 0) - 1:
                     return Replay(reset=True, head=head)
                 events = await self._range(conn, channels, after, limit)
                 more = limit is not None and len(events) >= limit

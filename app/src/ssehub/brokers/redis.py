@@ -16,6 +16,15 @@ Design choices:
   answer within a few seconds means reconnect (G3).
 - Reset detection uses the stream's ``max-deleted-entry-id`` (Redis 7): an
   ``after`` below it means the client missed an event that is gone.
+- A channel quiet for the retention holds nothing: each publish sets the
+  stream's TTL to the retention (idempotency keys have it too), so one-shot
+  channels cannot fill maxmemory. An expired stream takes its
+  ``max-deleted-entry-id`` with it, so the script also keeps ticks (``{prefix}clock``,
+  at most a thousand a retention, on Redis's clock): replay finds the ids issued
+  before the retention from them, and a client whose id is below that, on a
+  channel that holds nothing above its id, gets a reset. It cannot tell a
+  channel that expired from one that never had an event, so an id older than
+  the retention gets a reset there too (the contract's "older than retention").
 - History identity: ``{prefix}epoch`` sits beside the sequence. A store that
   has neither (new, or wiped: FLUSHALL, a lost AOF) starts a new history
   whose ids begin at the clock in microseconds (as the memory broker's), so
@@ -48,7 +57,15 @@ from redis.exceptions import ConnectionError, NoScriptError, RedisError
 
 from ..channels import scoped_key
 from ..sse import Event
-from . import Broker, BrokerUnavailable, Page, Published, Replay, new_history_base
+from . import (
+    ABOVE_EVERY_ID,
+    Broker,
+    BrokerUnavailable,
+    Page,
+    Published,
+    Replay,
+    new_history_base,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +80,23 @@ MAX_BATCH = 256
 # How often a connected listener checks that the store's history is still the
 # one it delivered from (one round trip, not per event).
 HISTORY_CHECK_SECONDS = 5.0
+# The publish script records which ids were issued by when this many times a
+# retention (at most once a millisecond): replay's view of an expired stream is
+# exact but for one such step (86 s at the default day).
+TICKS_PER_RETENTION = 1000
 # A publish waiting for the next pipeline: KEYS, ARGV and the caller's future.
 Queued = tuple[list[str], list[Any], asyncio.Future[int]]
 
-# KEYS: seq, stream, epoch[, idempotency key] (no fourth key without one: an ACL
-# that allows only ~ssehub:* refuses an empty key name)
+# KEYS: seq, stream, epoch, tick, clock[, idempotency key] (no sixth key without
+# one: an ACL that allows only ~ssehub:* refuses an empty key name)
 # Ages are trimmed 16 entries at a time; the Lua escape 30 is MARKER (record separator).
 # Ids pass through string.format('%d'): Lua's tostring prints 15 digits or more
 # in exponent form.
-# ARGV: pubsub channel, event, data, published_at, maxlen, idempotency ttl ms, age cutoff,
-#       new history base
+# ARGV: pubsub channel, event, data, published_at, maxlen, retention ms, age cutoff,
+#       new history base, tick ms, clock length
 PUBLISH_SCRIPT = """
-if KEYS[4] then
-  local known = redis.call('GET', KEYS[4])
+if KEYS[6] then
+  local known = redis.call('GET', KEYS[6])
   if known then return -tonumber(known) end  -- negative: an earlier event's id
 end
 if not redis.call('GET', KEYS[3]) then
@@ -99,9 +120,18 @@ for i, entry in ipairs(oldest) do
     break
   end
 end
+-- A channel quiet for the retention holds nothing: its stream expires.
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+-- A tick at most every ARGV[9] ms records, on Redis's clock, that every id below
+-- this one was issued before now: replay tells from the ticks whether an expired
+-- stream may have held an event after a client's id.
+if redis.call('SET', KEYS[4], '1', 'PX', ARGV[9], 'NX') then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], '*', 's', string.format('%d', id - 1))
+  redis.call('PEXPIRE', KEYS[5], ARGV[6])
+end
 local nl = '\\n'
 redis.call('PUBLISH', ARGV[1], '\\30' .. id .. nl .. ARGV[2] .. nl .. ARGV[4] .. nl .. ARGV[3])
-if KEYS[4] then redis.call('SET', KEYS[4], id, 'PX', ARGV[6]) end
+if KEYS[6] then redis.call('SET', KEYS[6], id, 'PX', ARGV[6]) end
 return tonumber(id)
 """
 
@@ -194,6 +224,14 @@ class RedisBroker(Broker):
     @property
     def _epoch_key(self) -> str:
         return f"{self.prefix}epoch"
+
+    @property
+    def _tick_key(self) -> str:  # present while the last tick is recent
+        return f"{self.prefix}tick"
+
+    @property
+    def _clock_key(self) -> str:  # the ticks: Redis's time -> the ids issued before it
+        return f"{self.prefix}clock"
 
     async def start(self, on_events: Any, on_reset: Any = None) -> None:
         await super().start(on_events, on_reset)
@@ -393,12 +431,16 @@ class RedisBroker(Broker):
         bound by round trips, not CPU).
         """
         now = time.time()
-        keys = [self._seq_key, self._stream_key(channel), self._epoch_key]
+        keys = [self._seq_key, self._stream_key(channel), self._epoch_key,
+                self._tick_key, self._clock_key]
         if idempotency_key is not None:
             keys.append(f"{self.prefix}idem:{scoped_key(channel, idempotency_key)}")
+        retention_ms = self.config.retention_seconds * 1000
+        tick_ms = max(1, retention_ms // TICKS_PER_RETENTION)
         args = [self._pubsub_channel(channel), event or "", data, repr(now),
-                self.config.retention_events, self.config.retention_seconds * 1000,
-                repr(now - self.config.retention_seconds), new_history_base(now)]
+                self.config.retention_events, retention_ms,
+                repr(now - self.config.retention_seconds), new_history_base(now),
+                tick_ms, TICKS_PER_RETENTION + 2]
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((keys, args, waiter))
         if self._flusher is None or self._flusher.done():
@@ -478,8 +520,9 @@ class RedisBroker(Broker):
             pipe.get(self._epoch_key)
             for channel in channels:
                 pipe.xinfo_stream(self._stream_key(channel))
+            pipe.time()  # after the streams: one found gone had expired by this time
             results = await pipe.execute(raise_on_error=False)
-        for result in results[:2]:
+        for result in (*results[:2], results[-1]):
             if isinstance(result, Exception):
                 raise result
         head = int(results[0] or 0)
@@ -488,16 +531,38 @@ class RedisBroker(Broker):
             return Replay(reset=True, head=head)
         if 0 < after < epoch:
             return Replay(reset=True, head=head, reason="history lost")
-        for info in results[2:]:
-            if isinstance(info, Exception):
-                continue  # no such stream: nothing retained, nothing deleted
-            deleted = info.get("max-deleted-entry-id") or b"0-0"
-            if after < _stream_id(deleted):
-                return Replay(reset=True, head=head)
+        # Ids from here up may have been held by a stream that expired (0: every id
+        # of this history, which starts above its epoch).
+        lowest = max(after, epoch)
+        expired_may_hold = False
+        for info in results[2:-1]:
+            first = ABOVE_EVERY_ID  # no such stream: none yet, or it expired
+            if not isinstance(info, Exception):
+                deleted = info.get("max-deleted-entry-id") or b"0-0"
+                if after < _stream_id(deleted):
+                    return Replay(reset=True, head=head)
+                if info.get("first-entry"):
+                    first = _stream_id(info["first-entry"][0])
+            # Below its first entry, a stream holds what an earlier one of the same
+            # name held before it expired (all of it older than the retention).
+            expired_may_hold |= lowest < first - 1
+        if expired_may_hold and lowest < await self._issued_before_retention(results[-1], head):
+            return Replay(reset=True, head=head)
         page = Page(limit)
         for channel in channels:
             page.add(await self._range(channel, after, page.end, limit))
         return Replay(page.events, head=head, more=page.more)
+
+    async def _issued_before_retention(self, now: tuple[int, int], head: int) -> int:
+        """An id at or above every id issued before the retention (by Redis's clock
+        ``now``, as TIME gave it): what an expired stream can have held.
+
+        The first tick at or after the cutoff; without one (no publish since), head.
+        """
+        cutoff_ms = now[0] * 1000 + now[1] // 1000 - self.config.retention_seconds * 1000
+        ticks: Any = await self.redis.xrange(self._clock_key, str(max(cutoff_ms, 0)), "+",
+                                             count=1)
+        return int(ticks[0][1][b"s"]) if ticks else head
 
     @property
     def listener_up(self) -> bool:
