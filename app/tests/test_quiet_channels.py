@@ -180,3 +180,18 @@ async def test_storage_after_one_shot_channels_goes_back_to_nothing(store) -> No
     finally:
         for broker in brokers:
             await broker.close()
+
+
+async def test_a_failed_clean_up_does_not_fail_the_publish_it_follows(  # type: ignore[no-untyped-def]
+        pg_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event is stored and announced before the clean-up runs: a 503 then would
+    make its publisher send it again (a duplicate without an Idempotency-Key)."""
+    from ssehub.brokers import postgres
+
+    monkeypatch.setattr(postgres, "EXPIRE", "SELECT * FROM no_such_table")
+    broker = create(pg_config())
+    try:
+        first = await broker.publish("jobs", "stored")  # the first publish cleans up
+        assert (await broker.replay(["jobs"], 0)).events[0].id == first
+    finally:
+        await broker.close()
