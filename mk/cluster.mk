@@ -22,7 +22,7 @@ test-cluster: cluster-prepare $(addprefix test-cluster-,$(CLUSTER_SCENARIOS))
 
 # A static pattern rule: plain pattern rules are never used for .PHONY targets.
 $(addprefix test-cluster-,$(CLUSTER_SCENARIOS)): test-cluster-%:
-	cd tests/cluster && $(DEPLOY_ENV) timeout 1800 molecule test -s $*
+	cd tests/cluster && $(DEPLOY_ENV) timeout 2700 molecule test -s $*
 
 lint-deploy:
 	$(DEPLOY_ENV) timeout 600 yamllint -s site.yml roles inventories ansible tests/cluster .yamllint .ansible-lint

@@ -204,10 +204,14 @@ def deploy_and_roll_back() -> None:
         "tests", "build", "*.egg-info", "__pycache__", ".mypy_cache"))
     (source / "src" / "ssehub" / "drill_release.py").write_text(
         f'"""A release made by the rollback drill."""\nMARK = "{uuid.uuid4().hex}"\n')
+    start = time.monotonic()
     _deployed(site_yml(ssehub_source_dir=str(source)), "the new release's deploy")
+    deployed = time.monotonic()
     new = live_releases()
     assert all(new[h] != before[h] for h in new), (before, new)
     _deployed(site_yml(ssehub_rollback=True), "the rollback")
+    print(f"new release deployed in {deployed - start:.0f} s, rolled back in "
+          f"{time.monotonic() - deployed:.0f} s")
     assert live_releases() == before, "the rollback did not return to the release before"
 
 
@@ -496,9 +500,10 @@ def test_rollback_is_refused_on_a_database_migrated_past_the_previous_release() 
     try:
         before = live_releases()
         done = site_yml(ssehub_rollback=True)
-        assert done.returncode != 0
-        assert "ssehub.9999_from_a_later_release" in done.stdout, done.stdout[-3000:]
-        assert live_releases() == before, "a refused rollback changed a host"
+        output = f"{done.stdout[-4000:]}{done.stderr[-1000:]}"
+        assert done.returncode != 0, f"the rollback was not refused: {output}"
+        assert "ssehub.9999_from_a_later_release" in done.stdout, output
+        assert live_releases() == before, f"a refused rollback changed a host: {output}"
     finally:
         _sh(postgres, f"runuser -u postgres -- psql -d {database} -c \"DELETE FROM "
                       "django_migrations WHERE name = '9999_from_a_later_release'\"")
