@@ -1,4 +1,4 @@
-"""The README's claims that a test can keep true."""
+"""The claims of the README and of docs/ that a test can keep true."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ import pytest
 from ssehub import cli, conf
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+# The README and the pages it maps (docs/): the claims tests keep true are in both.
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README = "\n".join(page.read_text() for page in PAGES)
+SETTINGS_PAGE = (ROOT / "docs" / "settings.md").read_text()
 
 
 def test_settings_table_is_the_generated_one() -> None:
-    block = README.split("<!-- settings-table -->\n", 1)[1].split("<!-- /settings-table -->", 1)[0]
+    block = SETTINGS_PAGE.split("<!-- settings-table -->\n", 1)[1].split(
+        "<!-- /settings-table -->", 1)[0]
     assert block.strip() == conf.settings_table().strip()
 
 

@@ -1,7 +1,7 @@
 """Settings of the hub, read once from environment variables.
 
 Every tunable lives here, with its default and its documentation, so the
-README's settings table and the code cannot disagree (a test renders the table
+settings table (docs/settings.md) and the code cannot disagree (a test renders the table
 from ``SETTINGS``). A bad value stops startup with a message that names the
 variable: a hub that silently falls back to a default on a typo is worse than
 one that refuses to start.
@@ -314,7 +314,7 @@ def reset() -> None:
 
 
 def settings_table() -> str:
-    """The README's settings table, generated from SETTINGS."""
+    """The settings table of docs/settings.md, generated from SETTINGS."""
     rows = ["| variable | default | what it does |", "| --- | --- | --- |"]
     for setting in SETTINGS:
         default = "(required)" if setting.secret else (

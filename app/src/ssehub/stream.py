@@ -5,7 +5,7 @@ Why not Django's StreamingHttpResponse: Django's handler adds per-chunk work
 per-request middleware. ``tests/bench/run.py --django-path`` measures the same
 fan-out through an ``@sse_stream`` view fed by the same hub subscriber: p99
 294 ms against 23 ms here at 1,000 streams x 20 events/s, and six times the
-hub's CPU (README, Measured figures). Everything else (publish, health,
+hub's CPU (docs/performance.md). Everything else (publish, health,
 metrics, demo) stays in Django.
 
 Order of a stream: validate channels (400), authorise (401/403), register the

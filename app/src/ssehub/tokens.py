@@ -9,7 +9,7 @@ Any JWT library can mint them, so users' own backends need not install ssehub::
 Only HS256 is accepted (never ``none``), ``exp`` is required, and a token is
 checked once per request, never per event.
 
-What is accepted, so tokens from other JWT libraries work (README, "The HTTP
+What is accepted, so tokens from other JWT libraries work (docs/http-contract.md, "The HTTP
 contract"): ``exp`` must be an integer (a JSON number without fraction or
 exponent) from 1 to MAX_EXP; a string or ``1e300`` is refused, and a value no
 date type can hold (``10**400``) is a 401, not a 500. ``exp`` and ``nbf`` allow

@@ -1,6 +1,6 @@
 """PostgreSQL broker: a table for storage, LISTEN/NOTIFY for delivery.
 
-Design choices (H1-H5 in FAILURE-MODES.md):
+Design choices (H1-H5 in docs/failure-modes.md):
 - Notifications carry ids, never payloads: NOTIFY's 8000-byte limit and queue
   never see user data. The listener reads the rows by id.
 - Always ``pg_notify(%s, %s)`` with parameters: no SQL is built from a channel
