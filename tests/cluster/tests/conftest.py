@@ -273,6 +273,9 @@ class Stream:
     headers: list[httpx.Headers] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     connects: int = 0
+    # (opened, ended, why) per connection, time.monotonic(): what a test prints
+    # when a stream misbehaves.
+    history: list[tuple[float, float, str]] = field(default_factory=list)
     opened: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -306,6 +309,7 @@ class Stream:
             }
             if self.last_event_id:
                 headers["Last-Event-ID"] = self.last_event_id
+            began, why = time.monotonic(), "ended by the server"
             try:
                 with client() as c, c.stream(
                     "GET", "/events/", params={"channel": self.channel},
@@ -318,12 +322,14 @@ class Stream:
                     if r.status_code != 200:
                         raise httpx.HTTPError(f"status {r.status_code}")
                     self._read(r)
-            except httpx.HTTPError:
-                pass
+            except httpx.HTTPError as exc:
+                why = f"{type(exc).__name__}: {exc}"
             except Exception:
                 if not self._stop.is_set():
                     raise
                 return  # stop() closed the response under the reader
+            finally:
+                self.history.append((began, time.monotonic(), why))
             if not self.reconnect:
                 break
             time.sleep(0.3)
