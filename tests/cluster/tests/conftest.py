@@ -44,17 +44,23 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def setting(name: str) -> Any:
-    """Value of a deploy variable: inventory group_vars over role defaults."""
+    """Value of a deploy variable: inventory group_vars over role defaults. A
+    value that only names another variable ("{{ ssehub_port }}": what one role
+    takes from another's) is that variable's value."""
     scenario_vars = json.loads(os.environ.get("SSEKIT_EXTRA_VARS") or "{}")
     if name in scenario_vars:  # the scenario's host_vars win, as in Ansible
-        return scenario_vars[name]
-    for path in sorted(GROUP_VARS.glob("*.yml")):
-        data = _load_yaml(path)
-        if name in data:
-            return data[name]
-    role = name.split("_", 1)[0]
-    defaults = _load_yaml(ROOT / "roles" / role / "defaults" / "main.yml")
-    return defaults[name]
+        value = scenario_vars[name]
+    else:
+        for path in sorted(GROUP_VARS.glob("*.yml")):
+            data = _load_yaml(path)
+            if name in data:
+                value = data[name]
+                break
+        else:
+            role = name.split("_", 1)[0]
+            value = _load_yaml(ROOT / "roles" / role / "defaults" / "main.yml")[name]
+    alias = re.fullmatch(r"\{\{\s*(\w+)\s*\}\}", value) if isinstance(value, str) else None
+    return setting(alias.group(1)) if alias else value
 
 
 @functools.cache
