@@ -10,6 +10,8 @@
   and which hosts get the proxy's keepalive timing;
 - what two roles share (the hub's port, Redis's and PostgreSQL's port, user
   and database) follows the one value the inventory sets;
+- every molecule scenario and the Vagrantfile run systemd in a container
+  with the same docker flags;
 - the ssehub role's wheelhouse is the same bytes from a fresh copy of the
   source (this one downloads the lock's wheels from the package index).
 """
@@ -311,3 +313,31 @@ def test_the_chat_demo_is_on_only_in_the_vagrant_inventory() -> None:
     vagrant = yaml.safe_load((inventories / "vagrant/group_vars/all/vagrant.yml").read_text())
     assert vagrant["ssehub_demo"] is True
 
+
+def test_every_systemd_container_gets_the_same_docker_flags() -> None:
+    """A host of the molecule scenarios and a machine of the Vagrantfile's docker
+    provider run systemd the same way. Molecule merges its base config
+    (.config/molecule/config.yml) into a scenario mapping by mapping but takes
+    a list, `platforms`, whole, and YAML anchors stay in one file: each scenario
+    names the flags once and this keeps them, and the Vagrantfile's, alike."""
+    keys = ["image", "pre_build_image", "command", "capabilities", "security_opts",
+            "tmpfs", "volumes", "cgroupns_mode"]
+    platforms = [platform
+                 for scenario in sorted((ROOT / "tests/cluster/molecule").glob("*/molecule.yml"))
+                 for platform in yaml.safe_load(scenario.read_text())["platforms"]]
+    assert len(platforms) >= 6, "both scenarios' hosts"
+    flags = [{key: platform.get(key) for key in keys} for platform in platforms]
+    assert all(one == flags[0] for one in flags), flags
+    docker = flags[0]
+    vagrantfile = (ROOT / "Vagrantfile").read_text()
+    create_args = re.search(r"d\.create_args = \[(.*?)\]", vagrantfile, re.S)
+    cmd = re.search(r"d\.cmd = \[(.*?)\]", vagrantfile)
+    assert create_args and cmd
+    assert re.findall(r'"([^"]*)"', cmd.group(1)) == [docker["command"]]
+    assert re.findall(r'"([^"]*)"', create_args.group(1)) == [
+        *(arg for cap in docker["capabilities"] for arg in ("--cap-add", cap)),
+        *(arg for opt in docker["security_opts"] for arg in ("--security-opt", opt)),
+        *(arg for path in docker["tmpfs"] for arg in ("--tmpfs", path)),
+        *(arg for volume in docker["volumes"] for arg in ("--volume", volume)),
+        f"--cgroupns={docker['cgroupns_mode']}",
+    ]
