@@ -2,12 +2,12 @@
 the last-id bookkeeping, the history check and the gap fill.
 
 A listener holds one connection that announces events (pub/sub, LISTEN) and
-keeps, per listened channel, the last id it delivered. It owns:
+keeps, per listened channel, the last id it delivered. This base owns:
 
 - the reconnect loop (G3): anything that ends a connection, a bug on the
   delivery path included, is logged and followed by a new connection after a
-  backoff that starts again once a connection worked; the listener never dies
-  while /readyz says 200;
+  backoff that starts again once a connection worked. The listener never dies:
+  every stream of the worker would go silent while /readyz said 200;
 - the history check: when it connects and every ``HISTORY_CHECK_SECONDS``
   (never per event) it compares the store's sequence and epoch with the
   history it delivered from, and a lost history sends ``on_reset`` (J2);
@@ -21,7 +21,8 @@ connection counts as working), and how it reads the store through ``store``
 (PostgreSQL: the listener's own connection; Redis: the command connection, as a
 subscribed one takes no other command): ``_read_history``, ``_start_history``,
 ``_read_after``. The per-event path (reading a burst and handing it to
-``on_events``) stays the broker's own and does nothing here.
+``on_events``) stays the broker's own; only PostgreSQL's, which reads a burst's
+rows by id, drops duplicates through ``_deliver_new`` as the gap fill does.
 """
 
 from __future__ import annotations
