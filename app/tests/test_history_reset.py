@@ -33,7 +33,8 @@ from ssehub import conf, metrics
 from ssehub.brokers import postgres as postgres_broker
 from ssehub.brokers import redis as redis_broker
 from ssehub.conf import postgres_conninfo
-from ssehub.hub import Hub, Subscriber
+from ssehub.hub import Hub
+from ssehub.subscriber import Subscriber
 
 pytestmark = pytest.mark.asyncio
 
