@@ -176,7 +176,7 @@ async def test_i1_replay_then_live_without_gap_or_duplicate(proxy, client) -> No
 
 
 async def test_i1_a_long_replay_arrives_whole_and_in_order(proxy, client) -> None:  # type: ignore[no-untyped-def]
-    """A replay of several writes (stream.REPLAY_WRITE_BYTES each), then live."""
+    """A replay of several writes (replay.REPLAY_WRITE_BYTES each), then live."""
     channel = "i1.long"
     data = "x" * 30_000
     ids = [await publish(client, proxy.url, channel, f"{i} {data}") for i in range(20)]

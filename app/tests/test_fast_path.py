@@ -1,7 +1,7 @@
 """Issue 12: the fast path must not disappear in an upgrade.
 
 The hub writes each event's pre-built chunk straight into uvicorn's httptools
-transport (stream.direct_cycle), which depends on uvicorn internals; any other
+transport (subscriber.direct_cycle), which depends on uvicorn internals; any other
 server or protocol falls back to the plain ASGI path at about a quarter of the
 throughput, with every other test still green. So: under ``ssehub serve``
 (gunicorn, the hub's uvicorn worker, the installed uvicorn and httptools) every

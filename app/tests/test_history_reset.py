@@ -32,7 +32,8 @@ from servers import DeployedRedis, Postgres, stop
 from ssehub import conf, metrics
 from ssehub.brokers import listener
 from ssehub.conf import postgres_conninfo
-from ssehub.hub import Hub, Subscriber
+from ssehub.hub import Hub
+from ssehub.subscriber import Subscriber
 
 pytestmark = pytest.mark.asyncio
 

@@ -4,7 +4,7 @@ Before: the brokers read a replay's whole range at once (XRANGE without COUNT,
 fetchall) and the stream held it while a client that never read sat on it; 500
 stored events of 32 KB on a public channel grew the worker by about 46 MB per
 such stream, freed only when the client left. Now a replay is read in pages of
-``stream.REPLAY_PAGE_EVENTS`` (brokers.Page), each sent under flow control
+``replay.REPLAY_PAGE_EVENTS`` (brokers.Page), each sent under flow control
 before the next is read, and a send that waits on its client for longer than
 SSEHUB_WRITE_TIMEOUT drops the stream (checked once a heartbeat).
 
@@ -28,7 +28,7 @@ from servers import Hub as Served
 from servers import Redis
 
 from ssehub import tokens
-from ssehub.stream import REPLAY_PAGE_EVENTS
+from ssehub.replay import REPLAY_PAGE_EVENTS
 
 pytestmark = pytest.mark.asyncio
 
