@@ -40,7 +40,7 @@ UPGRADE ?=
 # The venv runs what a deploy installs: the lock with its hashes checked, then
 # the app without resolving anything, then the test tools, which may not move
 # a locked version (-c: a conflict fails here, not later in a test).
-$(STAMP): app/pyproject.toml $(LOCK) $(wildcard requirements-deploy.txt)
+$(STAMP): app/pyproject.toml $(LOCK) $(wildcard requirements-deploy.txt) tests/support/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --require-hashes -r $(LOCK)
@@ -48,6 +48,7 @@ $(STAMP): app/pyproject.toml $(LOCK) $(wildcard requirements-deploy.txt)
 	sed -n 's/^\([A-Za-z0-9][^ ]*==[^ ]*\).*/\1/p' $(LOCK) > $(VENV)/lock-constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/lock-constraints.txt -e 'app[test]'
 	@if [ -f requirements-deploy.txt ]; then $(PY) -m pip install -q -c $(VENV)/lock-constraints.txt -r requirements-deploy.txt; fi
+	$(PY) -m pip install -q --no-deps -e tests/support
 	touch $@
 
 venv: $(STAMP)

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SECRET, base_env, fresh_database
 from httpx_sse import aconnect_sse
-from servers import Hub, Postgres, Redis
-
-from ssehub import tokens
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env, fresh_database
+from ssekit_testing.servers import Postgres, Redis, ServedHub
 
 pytestmark = pytest.mark.asyncio
 
@@ -474,7 +473,7 @@ async def test_chat_demo_posts_reach_the_stream(proxy, client) -> None:  # type:
 
 
 @pytest.fixture
-def lone_stack(tmp_path: Path, pg_server: Postgres) -> Iterator[tuple[Redis, Hub]]:
+def lone_stack(tmp_path: Path, pg_server: Postgres) -> Iterator[tuple[Redis, ServedHub]]:
     """A hub with its own Redis, for tests that stop servers."""
     redis = Redis(tmp_path)
     redis.start()
@@ -482,7 +481,7 @@ def lone_stack(tmp_path: Path, pg_server: Postgres) -> Iterator[tuple[Redis, Hub
                    SSEHUB_PUBLIC_CHANNELS="*", SSEHUB_DRAIN_SECONDS="3",
                    SSEHUB_SUBSCRIBER_BUFFER="20",
                    SSEHUB_DATA_DIR=str(tmp_path))
-    hub = Hub(tmp_path, env, workers=1)
+    hub = ServedHub(tmp_path, env, workers=1)
     hub.start()
     yield redis, hub
     hub.stop()

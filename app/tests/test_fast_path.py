@@ -21,11 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SECRET, base_env
-from servers import Hub as Served
-from servers import Redis, free_port, stop, wait_for
-
-from ssehub import tokens
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.servers import Redis, free_port, stop, wait_for
+from ssekit_testing.servers import ServedHub as Served
 
 
 def paths(base: str) -> dict[str, float]:

@@ -24,13 +24,12 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from conftest import SECRET, base_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servers import Hub as Served
-from servers import Redis
-
-from ssehub import tokens
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.servers import Redis
+from ssekit_testing.servers import ServedHub as Served
 
 EXAMPLES = int(os.environ.get("SSEHUB_FUZZ_EXAMPLES", "150"))
 # An answer must come within the hub's command timeout (5 s), whatever it is.

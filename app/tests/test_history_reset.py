@@ -26,8 +26,9 @@ from typing import Any
 import psycopg
 import pytest
 import pytest_asyncio
-from conftest import _config_factory, fresh_database, received
-from servers import DeployedRedis, Postgres, stop
+from conftest import _config_factory, received
+from ssekit_testing.fixtures import fresh_database
+from ssekit_testing.servers import DeployedRedis, Postgres, stop
 
 from ssehub import conf, metrics
 from ssehub.brokers import listener

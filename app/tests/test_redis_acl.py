@@ -23,7 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import _config_factory, take
 from redis.exceptions import NoPermissionError
-from servers import DeployedRedis, running
+from ssekit_testing.servers import DeployedRedis, running
 
 from ssehub import conf
 from ssehub.brokers import listener

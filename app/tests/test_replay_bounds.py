@@ -23,11 +23,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SECRET, base_env
-from servers import Hub as Served
-from servers import Redis
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.servers import Redis
+from ssekit_testing.servers import ServedHub as Served
 
-from ssehub import tokens
 from ssehub.replay import REPLAY_PAGE_EVENTS
 
 pytestmark = pytest.mark.asyncio

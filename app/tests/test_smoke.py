@@ -24,10 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SECRET, base_env
-from servers import TEMPLATES, Hub, Nginx, Redis, free_port, running, stop, wait_for
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.servers import (
+    TEMPLATES,
+    Nginx,
+    Redis,
+    ServedHub,
+    free_port,
+    running,
+    stop,
+    wait_for,
+)
 
-from ssehub import tokens
 from ssehub.probe import probe
 
 TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"], ttl=600)
@@ -80,34 +89,34 @@ class Broken:
 
 # A breakage sets up one failure with real servers (stack: the session's hub and
 # nginx; a fresh directory) and tears it down once all three doors have met it.
-Breakage = Callable[[tuple[Hub, Nginx], Path], AbstractContextManager[Broken]]
+Breakage = Callable[[tuple[ServedHub, Nginx], Path], AbstractContextManager[Broken]]
 
 
 @contextmanager
-def unresolvable_name(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def unresolvable_name(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     yield Broken("dns", "http://no-such-host.invalid", "cannot resolve no-such-host.invalid")
 
 
 @contextmanager
-def closed_port(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def closed_port(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     yield Broken("tcp", f"http://127.0.0.1:{free_port()}", "cannot connect to 127.0.0.1:")
 
 
 @contextmanager
-def tls_against_plain_http(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def tls_against_plain_http(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     _, nginx = stack
     yield Broken("tls", f"https://127.0.0.1:{nginx.port}", "TLS handshake with 127.0.0.1:")
 
 
 @contextmanager
-def dead_upstream(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def dead_upstream(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     with running(Nginx(directory, [free_port()])) as nginx:
         # A 200 retry stream, for browsers: the probe still names the hop.
         yield Broken("proxy status", nginx.url, "the proxy reached no app server")
 
 
 @contextmanager
-def server_that_is_not_ssehub(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def server_that_is_not_ssehub(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     (directory / "events").mkdir()
     (directory / "events" / "index.html").write_text("<html>not a stream</html>")
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(directory))  # noqa: E731
@@ -122,7 +131,7 @@ def server_that_is_not_ssehub(stack: tuple[Hub, Nginx], directory: Path) -> Iter
 
 
 @contextmanager
-def compression_on_the_stream(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def compression_on_the_stream(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     """A6: gzip switched on for text/event-stream holds events back."""
     hub, _ = stack
     locations = directory / "gzip.conf"
@@ -133,7 +142,7 @@ def compression_on_the_stream(stack: tuple[Hub, Nginx], directory: Path) -> Iter
 
 
 @contextmanager
-def buffering_proxy(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def buffering_proxy(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     """A proxy that passes headers at once but holds the body until 64 kB (a stand-in
     for a buffering CDN or load balancer; nginx 1.22 flushes each upstream read)."""
     hub, _ = stack
@@ -181,18 +190,19 @@ def buffering_proxy(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broke
 
 
 @contextmanager
-def token_that_may_not_publish(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def token_that_may_not_publish(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     _, nginx = stack
     subscribe_only = tokens.mint(SECRET, subscribe=["smoke.*"], ttl=600)
     yield Broken("publish", nginx.url, "answered 403", token=subscribe_only)
 
 
 @contextmanager
-def lost_delivery(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def lost_delivery(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     """Streams go to the shared hub, publishes to a hub on another Redis."""
     hub, _ = stack
     redis = Redis(directory)
-    other = Hub(directory, base_env(SSEHUB_BROKER_URL=redis.url, SSEHUB_DATA_DIR=str(directory)))
+    other = ServedHub(directory, base_env(SSEHUB_BROKER_URL=redis.url,
+                                          SSEHUB_DATA_DIR=str(directory)))
     stream_part, publish_part = (TEMPLATES / "nginx/ssehub-locations.conf").read_text().split(
         "location = /publish/ {", 1)
     locations = directory / "split.conf"
@@ -219,7 +229,7 @@ BREAKAGES: list[Breakage] = [
 
 
 @pytest.fixture(scope="module", params=BREAKAGES, ids=lambda breakage: breakage.__name__)
-def broken(request: pytest.FixtureRequest, stack: tuple[Hub, Nginx],
+def broken(request: pytest.FixtureRequest, stack: tuple[ServedHub, Nginx],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broken]:
     """Module scope: pytest runs the three tests below against one breakage, then the next."""
     with request.param(stack, tmp_path_factory.mktemp("broken")) as case:
@@ -275,7 +285,7 @@ def test_hub_on_a_unix_socket_behind_nginx(redis_server: Redis, tmp_path: Path) 
     over a Unix socket (cheaper per event than loopback TCP; README, figures)."""
     env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="uds:",
                    SSEHUB_DATA_DIR=str(tmp_path))
-    hub = Hub(tmp_path, env, workers=1, unix_socket=True)
+    hub = ServedHub(tmp_path, env, workers=1, unix_socket=True)
     with running(hub):
         assert hub.socket is not None and hub.socket.is_socket()
         with running(Nginx(tmp_path, [hub.bind])) as nginx:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from servers import render_texts, role_defaults
+from ssekit_testing.roles import render_texts, role_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 SNIPPETS = ROOT / "templates"
