@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ssehub.probe import probe
 from ssekit_testing import tokens
 from ssekit_testing.fixtures import SECRET, base_env
 from ssekit_testing.servers import (
@@ -36,8 +37,6 @@ from ssekit_testing.servers import (
     stop,
     wait_for,
 )
-
-from ssehub.probe import probe
 
 TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"], ttl=600)
 
