@@ -30,8 +30,7 @@ def token(publish: list[str] | None = None, subscribe: list[str] | None = None,
     return tokens.mint(SECRET, publish=publish or [], subscribe=subscribe or [], ttl=ttl)
 
 
-def auth(value: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {value}"}
+auth = tokens.bearer
 
 
 async def publish(client: httpx.AsyncClient, base: str, channel: str, data: object,

@@ -46,7 +46,7 @@ def served(request: pytest.FixtureRequest,
 
 
 def auth(**grants: list[str]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tokens.mint(SECRET, ttl=300, **grants)}"}
+    return tokens.bearer(tokens.mint(SECRET, ttl=300, **grants))
 
 
 async def test_a_lone_surrogate_in_the_event_name_is_refused_not_held(

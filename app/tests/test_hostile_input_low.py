@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import jwt
 import pytest
 from ssekit_testing import tokens
 from ssekit_testing.fixtures import SECRET, base_env, fresh_database
@@ -63,7 +62,7 @@ class LogSince:
 
 
 def signed(claims: dict[str, object]) -> str:
-    return jwt.encode(claims, SECRET, algorithm="HS256")
+    return tokens.signed(claims, SECRET)
 
 
 async def chat_post(client: httpx.AsyncClient, url: str, **fields: str) -> httpx.Response:

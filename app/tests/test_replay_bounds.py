@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ssekit_testing import tokens
+from ssekit_testing import sse, tokens
 from ssekit_testing.fixtures import SECRET, base_env
 from ssekit_testing.servers import Redis
 from ssekit_testing.servers import ServedHub as Served
@@ -137,15 +137,11 @@ async def _read(client: httpx.AsyncClient, url: str, count: int,
     got: list[tuple[int, str]] = []
     async with client.stream("GET", url, headers=headers) as response:
         assert response.status_code == 200
-        event_id, data = None, ""
+        parser = sse.Parser()
         async for line in response.aiter_lines():
-            if line.startswith("id: "):
-                event_id = int(line[4:])
-            elif line.startswith("data: "):
-                data = line[6:]
-            elif line == "" and event_id is not None and data:
-                got.append((event_id, data))
-                event_id, data = None, ""
+            event = parser.feed(line)
+            if event is not None and event.id is not None and event.data:
+                got.append((int(event.id), event.data))
                 if len(got) == count:
                     return got
     return got

@@ -27,6 +27,7 @@ import pytest
 from ssehub.probe import probe
 from ssekit_testing import tokens
 from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.roles import ANSIBLE_PLAYBOOK
 from ssekit_testing.servers import (
     TEMPLATES,
     Nginx,
@@ -60,9 +61,8 @@ def test_smoke_command_prints_one_ok_line(stack) -> None:  # type: ignore[no-unt
 def run_smoke_playbook(url: str, *extra: str,
                        callback: str = "default") -> subprocess.CompletedProcess[str]:
     root = Path(__file__).resolve().parents[2]
-    playbook = Path(sys.executable).parent / "ansible-playbook"
     return subprocess.run(
-        [str(playbook), "-i", "localhost,", "ansible/playbooks/smoke.yml",
+        [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", "ansible/playbooks/smoke.yml",
          "-e", f"ssehub_smoke_url={url}", "-e", f"ssehub_token_secret={SECRET}", *extra],
         cwd=root, capture_output=True, text=True, timeout=120,
         env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_STDOUT_CALLBACK": callback})

@@ -30,27 +30,36 @@ def role_defaults(role: str, *, with_vars: bool = True) -> dict[str, Any]:
     return values
 
 
+def run_playbook(directory: Path, plays: list[dict[str, Any]], *args: str,
+                 inventory: str = "localhost,", env: dict[str, str] | None = None,
+                 timeout: float = 120, **run: Any) -> subprocess.CompletedProcess[str]:
+    """Write ``plays`` as a playbook in ``directory`` and run it there with
+    ansible-playbook (``args`` after the playbook), under an empty ansible.cfg: not
+    the repo's or the user's. ``env`` adds to the environment, ``run`` to subprocess.run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    playbook = directory / "playbook.yml"
+    playbook.write_text(yaml.safe_dump(plays))
+    (directory / "ansible.cfg").write_text("[defaults]\n")
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
+           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+           "ANSIBLE_CONFIG": str(directory / "ansible.cfg"), **(env or {})}
+    return subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", inventory, str(playbook), *args],
+                          cwd=directory, env=env, capture_output=True, text=True,
+                          timeout=timeout, **run)
+
+
 def render_with_ansible(out: Path, variables: dict[str, Any], templates: dict[str, Path],
                         mode: str = "0644") -> subprocess.CompletedProcess[str]:
     """Render role templates (name in ``out``: source) with ansible-playbook, as the
     roles do, from ``variables`` alone: no inventory, no ansible.cfg of the repo's."""
-    out.mkdir(parents=True, exist_ok=True)
     tasks = [{"name": f"Render {name}",
               "ansible.builtin.template": {"src": str(src), "dest": str(out / name),
                                            "mode": mode}}
              for name, src in templates.items()]
-    playbook = out / "render.yml"
-    playbook.write_text(yaml.safe_dump([{"hosts": "localhost", "connection": "local",
-                                         "gather_facts": False,
-                                         "vars": {**variables,
-                                                  "ansible_python_interpreter": sys.executable},
-                                         "tasks": tasks}]))
-    (out / "ansible.cfg").write_text("[defaults]\n")  # not the repo's or the user's
-    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
-           "ANSIBLE_CONFIG": str(out / "ansible.cfg")}
-    return subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", "localhost,", str(playbook)], cwd=out,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return run_playbook(out, [{"hosts": "localhost", "connection": "local",
+                               "gather_facts": False,
+                               "vars": {**variables, "ansible_python_interpreter": sys.executable},
+                               "tasks": tasks}])
 
 
 def render_texts(out: Path, variables: dict[str, Any],
