@@ -35,8 +35,6 @@ from ssekit_testing.servers import (
     ServedHub,
     free_port,
     running,
-    stop,
-    wait_for,
 )
 
 TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"], ttl=600)
@@ -277,54 +275,3 @@ def test_smoke_connect_to_keeps_the_public_name(stack) -> None:  # type: ignore[
     assert closed.hop == "tcp" and "127.0.0.1" in closed.message, closed.line()
     via_playbook = run_smoke_playbook(url, "-e", f"ssehub_smoke_connect_to=127.0.0.1:{nginx.port}")
     assert via_playbook.returncode == 0, via_playbook.stdout[-2000:]
-
-
-def test_hub_on_a_unix_socket_behind_nginx(redis_server: Redis, tmp_path: Path) -> None:
-    """`ssehub serve --bind unix:/path`: a proxy on the same host reaches the hub
-    over a Unix socket (cheaper per event than loopback TCP; README, figures)."""
-    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="uds:",
-                   SSEHUB_DATA_DIR=str(tmp_path))
-    hub = ServedHub(tmp_path, env, workers=1, unix_socket=True)
-    with running(hub):
-        assert hub.socket is not None and hub.socket.is_socket()
-        with running(Nginx(tmp_path, [hub.bind])) as nginx:
-            result = probe(nginx.url, TOKEN)
-    assert result.ok, result.line()
-    assert hub.socket is not None and not hub.socket.parent.exists()
-
-
-def test_serve_listens_on_every_bind_of_ssehub_bind(redis_server: Redis, tmp_path: Path) -> None:
-    """SSEHUB_BIND with a Unix socket and a loopback port (the single-host role:
-    the proxy on the socket, health checks and metrics on TCP): both answer."""
-    import httpx
-
-    socket_path = tmp_path / "hub.sock"
-    port = free_port()
-    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_DATA_DIR=str(tmp_path),
-                   SSEHUB_BIND=f"unix:{socket_path}, 127.0.0.1:{port}")
-    log = tmp_path / "hub.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "ssehub.cli", "serve", "--workers", "1"],
-                                  env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        def answers(transport: httpx.HTTPTransport | None, url: str) -> bool:
-            try:
-                with httpx.Client(transport=transport) as client:
-                    return client.get(url, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        tcp = f"http://127.0.0.1:{port}/readyz"
-        wait_for(lambda: socket_path.exists() and answers(None, tcp), what=f"hub ({log})")
-        assert answers(httpx.HTTPTransport(uds=str(socket_path)), "http://127.0.0.1/readyz")
-        assert f"unix:{socket_path}, 127.0.0.1:{port}" in log.read_text()
-    finally:
-        stop(server, timeout=30)
-
-
-def test_serve_refuses_a_relative_unix_socket() -> None:
-    bad = subprocess.run([sys.executable, "-m", "ssehub.cli", "serve", "--bind", "unix:hub.sock"],
-                         capture_output=True, text=True, timeout=30,
-                         env={**os.environ,
-                              **base_env(SSEHUB_BROKER_URL="redis://127.0.0.1:1/0")})
-    assert bad.returncode != 0 and "absolute path" in bad.stderr, bad.stderr
