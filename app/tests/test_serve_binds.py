@@ -17,7 +17,7 @@ from ssekit_testing.servers import Nginx, Redis, ServedHub, free_port, running, 
 
 from ssehub.probe import probe
 
-TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"], ttl=600)
+TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"])  # an hour: minted at collection
 
 
 def test_hub_on_a_unix_socket_behind_nginx(redis_server: Redis, tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from ssekit_testing.servers import (
     running,
 )
 
-TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"], ttl=600)
+TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"])  # an hour: minted at collection
 
 
 def test_smoke_passes_through_nginx_and_reports_latency(stack) -> None:  # type: ignore[no-untyped-def]
