@@ -17,7 +17,8 @@ from ssekit_testing.servers import Nginx, Redis, ServedHub, free_port, running, 
 
 from ssehub.probe import probe
 
-TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"])  # an hour: minted at collection
+# Minted at collection: the default hour outlasts a slow suite.
+TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"])
 
 
 def test_hub_on_a_unix_socket_behind_nginx(redis_server: Redis, tmp_path: Path) -> None:

@@ -37,7 +37,8 @@ from ssekit_testing.servers import (
     running,
 )
 
-TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"])  # an hour: minted at collection
+# Minted at collection: the default hour outlasts a slow suite.
+TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"])
 
 
 def test_smoke_passes_through_nginx_and_reports_latency(stack) -> None:  # type: ignore[no-untyped-def]
