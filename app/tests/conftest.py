@@ -9,7 +9,6 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,7 +16,7 @@ from ssekit_testing.fixtures import base_env, fresh_database
 from ssekit_testing.servers import Postgres, Redis
 
 if TYPE_CHECKING:
-    from ssehub.hub import Subscriber
+    from ssehub.subscriber import Subscriber
 
 _counter = itertools.count()  # Redis key prefixes of the in-process hubs
 
@@ -91,11 +90,6 @@ def django_db(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     settings.DATABASES["default"]["NAME"] = str(tmp_path_factory.mktemp("db") / "t.sqlite3")
     call_command("migrate", verbosity=0)
     return settings
-
-
-@pytest.fixture(scope="session")
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
 
 
 async def received(subscriber: Subscriber, done: Callable[[list], bool],
