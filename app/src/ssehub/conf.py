@@ -196,6 +196,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SSEHUB_CSRF_TRUSTED_ORIGINS", "",
             "Django's CSRF_TRUSTED_ORIGINS (`https://example.org`), for the chat demo's form "
             "behind a TLS proxy.", _csv),
+    Setting("SSEHUB_SECURE_COOKIES", "false",
+            "Mark the chat demo's CSRF cookie `Secure` (Django's CSRF_COOKIE_SECURE): on behind "
+            "a TLS proxy (the role turns it on); off, the demo works over plain HTTP too.", _bool),
     Setting("SSEHUB_DEBUG", "false", "Django's DEBUG. Never in production.", _bool),
     Setting("SSEHUB_DATA_DIR", "~/.local/share/ssehub",
             "Embedded mode's SQLite database and generated secrets.", str),

@@ -45,6 +45,12 @@ def test_env_file_is_readable_by_the_service_and_written_only_by_root(host):
     assert host.run(f"runuser -u {user} -- test -w /etc/ssehub/ssehub.env").rc != 0
 
 
+def test_the_demo_csrf_cookie_is_secure_behind_the_tls_proxy(host):
+    """The proxies serve TLS only: the chat demo's CSRF cookie is Secure."""
+    env = host.file("/etc/ssehub/ssehub.env").content_string.splitlines()
+    assert "SSEHUB_SECURE_COOKIES=true" in env
+
+
 def test_unit_caps_memory_and_tasks_as_the_role_sizes_them(host):
     props = dict(line.split("=", 1) for line in host.check_output(
         "systemctl show ssehub --property MemoryMax,TasksMax").splitlines())
