@@ -25,6 +25,6 @@ $(addprefix test-cluster-,$(CLUSTER_SCENARIOS)): test-cluster-%:
 	cd tests/cluster && $(DEPLOY_ENV) timeout 2700 molecule test -s $*
 
 lint-deploy:
-	$(DEPLOY_ENV) timeout 600 yamllint -s site.yml roles inventories ansible tests/cluster .yamllint .ansible-lint
+	$(DEPLOY_ENV) timeout 600 yamllint -s site.yml roles inventories ansible tests/cluster .config/molecule .yamllint .ansible-lint
 	$(DEPLOY_ENV) timeout 900 ansible-lint site.yml roles ansible tests/cluster/molecule
 	$(DEPLOY_ENV) timeout 300 pytest -q -p no:cacheprovider tests/cluster/test_roles_static.py

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 import subprocess
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,40 @@ def test_a_bad_setting_names_the_variable() -> None:
     good = conf.load({"SSEHUB_BIND": "unix:/run/s/hub.sock, 127.0.0.1:8000",
                       "SSEHUB_PG_LISTEN_URL": "postgres://u:p@db:5432/x"})
     assert good.bind == ("unix:/run/s/hub.sock", "127.0.0.1:8000")
+
+
+def _is_a(value: object, hint: typing.Any) -> bool:
+    """isinstance for a field's annotation: a class, ``X | None`` or ``tuple[X, ...]``."""
+    if isinstance(hint, types.UnionType):
+        return any(_is_a(value, arm) for arm in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple) and all(_is_a(v, typing.get_args(hint)[0]) for v in value)
+    return isinstance(value, hint)
+
+
+def test_each_setting_is_a_field_of_config_typed_as_it_parses(tmp_path: Path) -> None:
+    """The table is Config's fields: a row's variable is its field's name, a value parsed
+    from a row has its field's type (mypy sees the annotations), and Config is frozen."""
+    fields = dataclasses.fields(conf.Config)
+    assert [field.metadata[conf.SETTING] for field in fields] == list(conf.SETTINGS)
+    assert [setting.name for setting in conf.SETTINGS] == [
+        f"SSEHUB_{field.name.upper()}" for field in fields]
+    hints = typing.get_type_hints(conf.Config)
+    unset = {"SSEHUB_DATABASE_URL": "postgres://u:p@db/x", "SSEHUB_PG_LISTEN_URL": "postgres://db/x",
+             "SSEHUB_STATIC_ROOT": "/srv/static", "SSEHUB_METRICS_DIR": "/run/metrics"}
+    assert {s.name for s in conf.SETTINGS if s.default is None and not s.secret} == set(unset)
+    for environ in ({}, {**unset, "SSEHUB_PUBLIC_CHANNELS": "news.*"}):
+        config = conf.load({**environ, "SSEHUB_DATA_DIR": str(tmp_path)})
+        for field in fields:
+            value = getattr(config, field.name)
+            assert _is_a(value, hints[field.name]), (field.name, value, hints[field.name])
+    assert config.database_url == unset["SSEHUB_DATABASE_URL"] and config.data_dir == tmp_path
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.heartbeat = 1.0  # type: ignore[misc]
+    # A name that is no field fails too (a TypeError on 3.11: the frozen __setattr__ names
+    # the class that slots=True replaced).
+    with pytest.raises((dataclasses.FrozenInstanceError, TypeError)):
+        config.heartbeet = 1.0  # type: ignore[attr-defined]
 
 
 def test_grafana_dashboard_charts_every_metric() -> None:

@@ -8,6 +8,10 @@
 - every public variable starts with the role's name;
 - where the proxies reach the hubs, single host (Unix socket) and apart (TCP),
   and which hosts get the proxy's keepalive timing;
+- what two roles share (the hub's port, Redis's and PostgreSQL's port, user
+  and database) follows the one value the inventory sets;
+- every molecule scenario and the Vagrantfile run systemd in a container
+  with the same docker flags;
 - the ssehub unit's sandbox: the peers it may exchange packets with, the
   system calls and memory it may not use, its offline exposure figure;
 - the ssehub role's wheelhouse is the same bytes from a fresh copy of the
@@ -157,9 +161,14 @@ LAYOUTS = {
 SOCKET = "/run/ssehub-socket/ssehub.sock"
 UNIT = ROOT / "roles/ssehub/templates/etc/systemd/system/ssehub.service.j2"
 UNIT_LOOKUP = f"{{{{ lookup('ansible.builtin.template', '{UNIT}') }}}}"
+# What a role takes from another's variable (the inventory ties them).
+SHARED = ["common_firewall_app_port", "common_firewall_redis_port",
+          "common_firewall_postgresql_port", "ssehub_redis_port", "ssehub_redis_user",
+          "ssehub_database_port", "ssehub_database_name", "ssehub_database_user"]
 
 
-def _render_layout(tmp_path: Path, hosts: dict[str, list[str]]) -> dict[str, dict]:
+def _render_layout(tmp_path: Path, hosts: dict[str, list[str]],
+                   extra_vars: dict | None = None) -> dict[str, dict]:
     groups: dict[str, dict] = {}
     for n, (name, member_of) in enumerate(sorted(hosts.items())):
         for group in member_of:
@@ -169,7 +178,7 @@ def _render_layout(tmp_path: Path, hosts: dict[str, list[str]]) -> dict[str, dic
     (tmp_path / "ansible.cfg").write_text("[defaults]\n")
     names = ["ssehub_unix_socket", "ssehub_bind_address", "__ssehub_binds",
              "nginx_upstream_servers", "caddy_upstream_servers", "__common_sysctl",
-             "ssehub_ip_address_allow", "__ssekit_unit"]
+             "ssehub_ip_address_allow", "__ssekit_unit", *SHARED]
     # Later files win here: the roles' defaults, then the inventory over them.
     var_files = [str(ROOT / "roles" / role / kind / "main.yml")
                  for role in ("common", "ssehub", "nginx", "caddy")
@@ -194,7 +203,8 @@ def _render_layout(tmp_path: Path, hosts: dict[str, list[str]]) -> dict[str, dic
     (tmp_path / "render.yml").write_text(yaml.safe_dump(playbook))
     env = {**os.environ, "ANSIBLE_CONFIG": str(tmp_path / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
     run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
-                          str(tmp_path / "hosts.yml"), str(tmp_path / "render.yml")],
+                          str(tmp_path / "hosts.yml"), str(tmp_path / "render.yml"),
+                          "-e", json.dumps(extra_vars or {})],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     return {name: json.loads(Path(f"{out}-{name}.json").read_text()) for name in hosts}
@@ -223,6 +233,26 @@ def test_proxy_on_its_own_host_reaches_every_hub_over_tcp(tmp_path: Path) -> Non
     wanted = ["10.0.0.10:8000", "10.0.0.11:8000"]
     assert rendered["proxy1"]["nginx_upstream_servers"] == wanted
     assert rendered["proxy1"]["caddy_upstream_servers"] == wanted
+
+
+def test_what_two_roles_share_follows_the_one_value_the_inventory_sets(tmp_path: Path) -> None:
+    """The hub's port, and Redis's and PostgreSQL's port, app user and
+    database, set once in the inventory by the role that owns each: the other
+    roles follow (the proxies' upstream, the firewall, the hub's URLs), where
+    a copy would have kept the old value and broken the deploy silently."""
+    owners = {"ssehub_port": 9000, "redis_port": 6400, "redis_app_user": "hub",
+              "postgresql_port": 5440, "postgresql_app_database": "hubdb",
+              "postgresql_app_user": "hubrole"}
+    rendered = _render_layout(tmp_path, LAYOUTS["proxy-apart"], owners)
+    app1, proxy1 = rendered["app1"], rendered["proxy1"]
+    assert app1["__ssehub_binds"] == ["0.0.0.0:9000"]
+    assert proxy1["nginx_upstream_servers"] == ["10.0.0.10:9000", "10.0.0.11:9000"]
+    assert proxy1["caddy_upstream_servers"] == ["10.0.0.10:9000", "10.0.0.11:9000"]
+    assert {name: app1[name] for name in SHARED} == {
+        "common_firewall_app_port": 9000, "common_firewall_redis_port": 6400,
+        "common_firewall_postgresql_port": 5440, "ssehub_redis_port": 6400,
+        "ssehub_redis_user": "hub", "ssehub_database_port": 5440,
+        "ssehub_database_name": "hubdb", "ssehub_database_user": "hubrole"}
 
 
 def test_only_a_proxy_apart_from_its_app_hosts_gets_the_proxy_keepalive(tmp_path: Path) -> None:
@@ -346,3 +376,32 @@ def test_the_chat_demo_is_on_only_in_the_vagrant_inventory() -> None:
             assert "ssehub_demo" not in (yaml.safe_load(path.read_text()) or {}), path
     vagrant = yaml.safe_load((inventories / "vagrant/group_vars/all/vagrant.yml").read_text())
     assert vagrant["ssehub_demo"] is True
+
+
+def test_every_systemd_container_gets_the_same_docker_flags() -> None:
+    """A host of the molecule scenarios and a machine of the Vagrantfile's docker
+    provider run systemd the same way. Molecule merges its base config
+    (.config/molecule/config.yml) into a scenario mapping by mapping but takes
+    a list, `platforms`, whole, and YAML anchors stay in one file: each scenario
+    names the flags once and this keeps them, and the Vagrantfile's, alike."""
+    keys = ["image", "pre_build_image", "command", "capabilities", "security_opts",
+            "tmpfs", "volumes", "cgroupns_mode"]
+    platforms = [platform
+                 for scenario in sorted((ROOT / "tests/cluster/molecule").glob("*/molecule.yml"))
+                 for platform in yaml.safe_load(scenario.read_text())["platforms"]]
+    assert len(platforms) >= 6, "both scenarios' hosts"
+    flags = [{key: platform.get(key) for key in keys} for platform in platforms]
+    assert all(one == flags[0] for one in flags), flags
+    docker = flags[0]
+    vagrantfile = (ROOT / "Vagrantfile").read_text()
+    create_args = re.search(r"d\.create_args = \[(.*?)\]", vagrantfile, re.S)
+    cmd = re.search(r"d\.cmd = \[(.*?)\]", vagrantfile)
+    assert create_args and cmd
+    assert re.findall(r'"([^"]*)"', cmd.group(1)) == [docker["command"]]
+    assert re.findall(r'"([^"]*)"', create_args.group(1)) == [
+        *(arg for cap in docker["capabilities"] for arg in ("--cap-add", cap)),
+        *(arg for opt in docker["security_opts"] for arg in ("--security-opt", opt)),
+        *(arg for path in docker["tmpfs"] for arg in ("--tmpfs", path)),
+        *(arg for volume in docker["volumes"] for arg in ("--volume", volume)),
+        f"--cgroupns={docker['cgroupns_mode']}",
+    ]

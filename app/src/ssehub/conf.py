@@ -1,10 +1,11 @@
 """Settings of the hub, read once from environment variables.
 
-Every tunable lives here, with its default and its documentation, so the
-settings table (docs/settings.md) and the code cannot disagree (a test renders the table
-from ``SETTINGS``). A bad value stops startup with a message that names the
-variable: a hub that silently falls back to a default on a typo is worse than
-one that refuses to start.
+Every tunable is a field of ``Config``, annotated with the type it is parsed to,
+with its variable, default and documentation in the field's metadata: the settings
+table (docs/settings.md, rendered from ``SETTINGS``; a test keeps it equal), the code
+and mypy read the one table and cannot disagree. A bad value stops startup with
+a message that names the variable: a hub that silently falls back to a default
+on a typo is worse than one that refuses to start.
 
 Embedded mode: when ``SSEHUB_BROKER_URL`` is unset or ``memory://``, the hub is
 a single process for development. Missing secrets are then generated once into
@@ -18,9 +19,9 @@ import math
 import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast, overload
 
 MIN_SECRET_BYTES = 32
 
@@ -31,6 +32,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Setting:
+    """One row of the settings table, kept in the metadata of its field of ``Config``."""
+
     name: str
     default: str | None
     doc: str
@@ -136,6 +139,10 @@ def parse_bind(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _path(value: str) -> Path:
+    return Path(os.path.expanduser(value))
+
+
 def _binds(value: str) -> tuple[str, ...]:
     """HOST:PORT or unix:/absolute/path, comma-separated."""
     binds = _csv(value)
@@ -146,105 +153,154 @@ def _binds(value: str) -> tuple[str, ...]:
     return binds
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("SSEHUB_BROKER_URL", "memory://",
-            "Where events are stored and fanned out: `redis://[user:pass@]host:6379/0` "
-            "(deployed default), `postgres://user:pass@host/db` (LISTEN/NOTIFY) or `memory://` "
-            "(one process, development).", _broker_url),
-    Setting("SSEHUB_DATABASE_URL", None,
-            "Django's database (the chat demo's messages). Default: SQLite in "
-            "`SSEHUB_DATA_DIR`.", _database_url),
-    Setting("SSEHUB_TOKEN_SECRET", None,
-            "HS256 secret that signs publisher and subscriber tokens. Required unless embedded.",
-            str, secret=True),
-    Setting("SSEHUB_SECRET_KEY", None,
-            "Django's SECRET_KEY. Required unless embedded.", str, secret=True),
-    Setting("SSEHUB_PUBLIC_CHANNELS", "",
-            "Comma-separated shell patterns of channels anyone may subscribe to (`news.*`).",
-            _patterns),
-    Setting("SSEHUB_HEARTBEAT", "15",
-            "Seconds between heartbeat comments on every stream; keep it well inside the "
-            "proxy's read timeout.", _positive_float),
-    Setting("SSEHUB_RETRY_MS", "2000",
-            "Base of the `retry:` sent to clients; each stream gets a value between this and "
-            "twice this, so reconnects after a restart spread out.", _positive_int),
-    Setting("SSEHUB_DRAIN_SECONDS", "10",
-            "On SIGTERM, open streams are closed within this many seconds.", _positive_float),
-    Setting("SSEHUB_MAX_EVENT_BYTES", "65536",
-            "Largest `data` accepted by `POST /publish/` (UTF-8 bytes, counted as framed: each "
-            "line break adds the 6 bytes of its `data: `); larger gets 413.",
-            _positive_int),
-    Setting("SSEHUB_RETENTION_EVENTS", "1000",
-            "Events kept per channel for `Last-Event-ID` replay.", _positive_int),
-    Setting("SSEHUB_RETENTION_SECONDS", "86400",
-            "Age after which events are no longer replayed.", _positive_int),
-    Setting("SSEHUB_SUBSCRIBER_BUFFER", "1000",
-            "Events queued for one stream before it counts as slow and is disconnected (its "
-            "reconnect replays what it missed).", _positive_int),
-    Setting("SSEHUB_WRITE_TIMEOUT", "30",
-            "Seconds a write may wait on a client that reads nothing before its stream is "
-            "dropped (checked once a heartbeat); it replays what it missed on reconnect.",
-            _positive_float),
-    Setting("SSEHUB_REDIS_PREFIX", "ssehub:",
-            "Prefix of the hub's Redis keys and pub/sub channels (`redis-cli PUBLISH "
-            "ssehub:NAME text` reaches subscribers of NAME).", str),
-    Setting("SSEHUB_PG_LISTEN_URL", None,
-            "PostgreSQL URL for the LISTEN connection when `SSEHUB_BROKER_URL` goes through "
-            "pgbouncer (LISTEN needs a direct session).", _postgres_url),
-    Setting("SSEHUB_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]",
-            "Django's ALLOWED_HOSTS, comma-separated.", _csv),
-    Setting("SSEHUB_CSRF_TRUSTED_ORIGINS", "",
-            "Django's CSRF_TRUSTED_ORIGINS (`https://example.org`), for the chat demo's form "
-            "behind a TLS proxy.", _csv),
-    Setting("SSEHUB_SECURE_COOKIES", "false",
-            "Mark the chat demo's CSRF cookie `Secure` (Django's CSRF_COOKIE_SECURE): on behind "
-            "a TLS proxy (the role turns it on); off, the demo works over plain HTTP too.", _bool),
-    Setting("SSEHUB_DEBUG", "false", "Django's DEBUG. Never in production.", _bool),
-    Setting("SSEHUB_DATA_DIR", "~/.local/share/ssehub",
-            "Embedded mode's SQLite database and generated secrets.", str),
-    Setting("SSEHUB_STATIC_ROOT", None, "Where `ssehub collectstatic` writes static files.", str),
-    Setting("SSEHUB_BIND", "127.0.0.1:8000",
-            "Address `ssehub serve` listens on: HOST:PORT, or unix:/path for a proxy on the "
-            "same host (cheaper per event than loopback TCP); several, comma-separated, "
-            "under gunicorn.", _binds),
-    Setting("SSEHUB_WORKERS", "0",
-            "gunicorn worker processes; 0 means one per CPU core.", _non_negative_int),
-    Setting("SSEHUB_KEEPALIVE", "75",
-            "Seconds an idle keep-alive connection stays open; longer than the proxy's "
-            "upstream idle timeout (nginx 60 s) so the proxy closes first.", _positive_int),
-    Setting("SSEHUB_METRICS_DIR", None,
-            "Directory for prometheus_client's multiprocess files (one per worker); "
-            "`ssehub serve` uses a temporary one when unset.", str),
-    Setting("SSEHUB_DEMO", "false",
-            "Serve the chat demo (`GET /`, anonymous posts to `/chat/messages/`). Off in "
-            "production: anyone can post to it.", _bool),
-    Setting("SSEHUB_DEMO_POSTS_PER_MINUTE", "20",
-            "Chat demo posts allowed per client address and minute (bursts of the same "
-            "size); more get 429 with `Retry-After`.", _positive_int),
-    Setting("SSEHUB_DEMO_KEEP_MESSAGES", "200",
-            "Chat demo messages kept per room (older ones are deleted), and 50 rooms' worth "
-            "in all.", _positive_int),
-)
+SETTING = "setting"  # the key of a field's Setting in its metadata
+_T = TypeVar("_T")
 
-@dataclass(frozen=True)
+
+@overload
+def _setting(name: str, default: str, doc: str, parse: Callable[[str], _T]) -> _T: ...
+@overload
+def _setting(name: str, default: None, doc: str, parse: Callable[[str], _T]) -> _T | None: ...
+def _setting(name: str, default: str | None, doc: str, parse: Callable[[str], Any]) -> Any:
+    """A field of ``Config`` read from the variable ``name``; unset is None without a default.
+
+    Typed as the parser's value so that mypy checks the field's annotation against it;
+    at runtime it is a field without a default (only ``load`` makes a Config).
+    """
+    return field(metadata={SETTING: Setting(name, default, doc, parse)})
+
+
+def _secret(name: str, doc: str) -> str:
+    """A secret: required, or generated into the data dir when embedded; never a default."""
+    return cast(str, field(metadata={SETTING: Setting(name, None, doc, str, secret=True)}))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    """Parsed settings; attribute names are the variable names without the prefix."""
+    """The parsed settings: one field per variable (its name without the prefix, lowercase).
 
-    values: Mapping[str, Any] = field(default_factory=dict)
+    The fields are the settings table: each keeps its variable, default, documentation
+    and parser in its metadata (``SETTINGS``), and its annotation is the parsed type.
+    """
 
-    def __getattr__(self, item: str) -> Any:
-        try:
-            return self.values[item]
-        except KeyError:
-            raise AttributeError(item) from None
+    broker_url: str = _setting(
+        "SSEHUB_BROKER_URL", "memory://",
+        "Where events are stored and fanned out: `redis://[user:pass@]host:6379/0` "
+        "(deployed default), `postgres://user:pass@host/db` (LISTEN/NOTIFY) or `memory://` "
+        "(one process, development).", _broker_url)
+    database_url: str | None = _setting(
+        "SSEHUB_DATABASE_URL", None,
+        "Django's database (the chat demo's messages). Default: SQLite in "
+        "`SSEHUB_DATA_DIR`.", _database_url)
+    token_secret: str = _secret(
+        "SSEHUB_TOKEN_SECRET",
+        "HS256 secret that signs publisher and subscriber tokens. Required unless embedded.")
+    secret_key: str = _secret(
+        "SSEHUB_SECRET_KEY",
+        "Django's SECRET_KEY. Required unless embedded.")
+    public_channels: tuple[str, ...] = _setting(
+        "SSEHUB_PUBLIC_CHANNELS", "",
+        "Comma-separated shell patterns of channels anyone may subscribe to (`news.*`).",
+        _patterns)
+    heartbeat: float = _setting(
+        "SSEHUB_HEARTBEAT", "15",
+        "Seconds between heartbeat comments on every stream; keep it well inside the "
+        "proxy's read timeout.", _positive_float)
+    retry_ms: int = _setting(
+        "SSEHUB_RETRY_MS", "2000",
+        "Base of the `retry:` sent to clients; each stream gets a value between this and "
+        "twice this, so reconnects after a restart spread out.", _positive_int)
+    drain_seconds: float = _setting(
+        "SSEHUB_DRAIN_SECONDS", "10",
+        "On SIGTERM, open streams are closed within this many seconds.", _positive_float)
+    max_event_bytes: int = _setting(
+        "SSEHUB_MAX_EVENT_BYTES", "65536",
+        "Largest `data` accepted by `POST /publish/` (UTF-8 bytes, counted as framed: each "
+        "line break adds the 6 bytes of its `data: `); larger gets 413.",
+        _positive_int)
+    retention_events: int = _setting(
+        "SSEHUB_RETENTION_EVENTS", "1000",
+        "Events kept per channel for `Last-Event-ID` replay.", _positive_int)
+    retention_seconds: int = _setting(
+        "SSEHUB_RETENTION_SECONDS", "86400",
+        "Age after which events are no longer replayed.", _positive_int)
+    subscriber_buffer: int = _setting(
+        "SSEHUB_SUBSCRIBER_BUFFER", "1000",
+        "Events queued for one stream before it counts as slow and is disconnected (its "
+        "reconnect replays what it missed).", _positive_int)
+    write_timeout: float = _setting(
+        "SSEHUB_WRITE_TIMEOUT", "30",
+        "Seconds a write may wait on a client that reads nothing before its stream is "
+        "dropped (checked once a heartbeat); it replays what it missed on reconnect.",
+        _positive_float)
+    redis_prefix: str = _setting(
+        "SSEHUB_REDIS_PREFIX", "ssehub:",
+        "Prefix of the hub's Redis keys and pub/sub channels (`redis-cli PUBLISH "
+        "ssehub:NAME text` reaches subscribers of NAME).", str)
+    pg_listen_url: str | None = _setting(
+        "SSEHUB_PG_LISTEN_URL", None,
+        "PostgreSQL URL for the LISTEN connection when `SSEHUB_BROKER_URL` goes through "
+        "pgbouncer (LISTEN needs a direct session).", _postgres_url)
+    allowed_hosts: tuple[str, ...] = _setting(
+        "SSEHUB_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]",
+        "Django's ALLOWED_HOSTS, comma-separated.", _csv)
+    csrf_trusted_origins: tuple[str, ...] = _setting(
+        "SSEHUB_CSRF_TRUSTED_ORIGINS", "",
+        "Django's CSRF_TRUSTED_ORIGINS (`https://example.org`), for the chat demo's form "
+        "behind a TLS proxy.", _csv)
+    secure_cookies: bool = _setting(
+        "SSEHUB_SECURE_COOKIES", "false",
+        "Mark the chat demo's CSRF cookie `Secure` (Django's CSRF_COOKIE_SECURE): on behind "
+        "a TLS proxy (the role turns it on); off, the demo works over plain HTTP too.", _bool)
+    debug: bool = _setting(
+        "SSEHUB_DEBUG", "false", "Django's DEBUG. Never in production.", _bool)
+    data_dir: Path = _setting(  # noqa: RUF009 (a dataclasses.Field at runtime, not a default)
+        "SSEHUB_DATA_DIR", "~/.local/share/ssehub",
+        "Embedded mode's SQLite database and generated secrets.", _path)
+    static_root: str | None = _setting(
+        "SSEHUB_STATIC_ROOT", None, "Where `ssehub collectstatic` writes static files.", str)
+    bind: tuple[str, ...] = _setting(
+        "SSEHUB_BIND", "127.0.0.1:8000",
+        "Address `ssehub serve` listens on: HOST:PORT, or unix:/path for a proxy on the "
+        "same host (cheaper per event than loopback TCP); several, comma-separated, "
+        "under gunicorn.", _binds)
+    workers: int = _setting(
+        "SSEHUB_WORKERS", "0",
+        "gunicorn worker processes; 0 means one per CPU core.", _non_negative_int)
+    keepalive: int = _setting(
+        "SSEHUB_KEEPALIVE", "75",
+        "Seconds an idle keep-alive connection stays open; longer than the proxy's "
+        "upstream idle timeout (nginx 60 s) so the proxy closes first.", _positive_int)
+    metrics_dir: str | None = _setting(
+        "SSEHUB_METRICS_DIR", None,
+        "Directory for prometheus_client's multiprocess files (one per worker); "
+        "`ssehub serve` uses a temporary one when unset.", str)
+    demo: bool = _setting(
+        "SSEHUB_DEMO", "false",
+        "Serve the chat demo (`GET /`, anonymous posts to `/chat/messages/`). Off in "
+        "production: anyone can post to it.", _bool)
+    demo_posts_per_minute: int = _setting(
+        "SSEHUB_DEMO_POSTS_PER_MINUTE", "20",
+        "Chat demo posts allowed per client address and minute (bursts of the same "
+        "size); more get 429 with `Retry-After`.", _positive_int)
+    demo_keep_messages: int = _setting(
+        "SSEHUB_DEMO_KEEP_MESSAGES", "200",
+        "Chat demo messages kept per room (older ones are deleted), and 50 rooms' worth "
+        "in all.", _positive_int)
 
     @property
     def embedded(self) -> bool:
-        return bool(str(self.values["broker_url"]).startswith("memory:"))
+        return _embedded(self.broker_url)
 
-    @property
-    def data_dir(self) -> Path:
-        return Path(os.path.expanduser(self.values["data_dir_raw"]))
+
+# (field name, its Setting), in the table's order.
+_FIELDS: tuple[tuple[str, Setting], ...] = tuple(
+    (item.name, item.metadata[SETTING]) for item in fields(Config))
+SETTINGS: tuple[Setting, ...] = tuple(setting for _, setting in _FIELDS)
+
+
+def _embedded(broker_url: str) -> bool:
+    return broker_url.startswith("memory:")
 
 
 def _generated_secret(data_dir: Path, name: str) -> str:
@@ -265,9 +321,8 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     """Parse every setting from ``environ``; raise ConfigError naming the bad variable."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for setting in SETTINGS:
+    for key, setting in _FIELDS:
         raw = env.get(setting.name, setting.default)
-        key = setting.name.removeprefix("SSEHUB_").lower()
         if raw is None:
             values[key] = None
             continue
@@ -277,10 +332,7 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
             # URLs may carry a password, and logs keep startup errors: show those masked.
             shown = "'...'" if setting.secret or setting.name.endswith("_URL") else repr(raw)
             raise ConfigError(f"{setting.name}={shown} is invalid: {exc}") from None
-    values["data_dir_raw"] = values.pop("data_dir")
-    config = Config(values)
-    for name in ("SSEHUB_TOKEN_SECRET", "SSEHUB_SECRET_KEY"):
-        key = name.removeprefix("SSEHUB_").lower()
+    for key, name in [(key, setting.name) for key, setting in _FIELDS if setting.secret]:
         if values[key]:
             # Embedded too: a development hub on a shared machine or a forwarded port
             # is reachable, and a guessable secret mints any token.
@@ -290,13 +342,13 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
                     f"{MIN_SECRET_BYTES} random bytes, e.g. python3 -c 'import secrets; "
                     "print(secrets.token_urlsafe(48))'")
             continue
-        if not config.embedded:
+        if not _embedded(values["broker_url"]):
             raise ConfigError(
                 f"{name} is required when SSEHUB_BROKER_URL is not memory:// "
                 "(generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
             )
-        values[key] = _generated_secret(config.data_dir, name)
-    return config
+        values[key] = _generated_secret(values["data_dir"], name)
+    return Config(**values)
 
 
 _current: Config | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
-import json
 import os
 import queue
 import re
@@ -37,6 +36,9 @@ INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE", "")
 SECRETS = EPHEMERAL / "inventory" / ".secrets"
 PROXY_PORT = int(os.environ.get("SSEKIT_PROXY_PORT", "18443"))
 SCENARIO = os.environ.get("MOLECULE_SCENARIO_NAME", "cluster")
+# Variables the scenario sets on its hosts (single-host-caddy: Caddy as the proxy).
+SCENARIO_DIR = Path(os.environ.get("MOLECULE_SCENARIO_DIRECTORY", "/nonexistent"))
+SCENARIO_HOST_VARS = SCENARIO_DIR / "host_vars"
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -44,17 +46,20 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def setting(name: str) -> Any:
-    """Value of a deploy variable: inventory group_vars over role defaults."""
-    scenario_vars = json.loads(os.environ.get("SSEKIT_EXTRA_VARS") or "{}")
-    if name in scenario_vars:  # the scenario's host_vars win, as in Ansible
-        return scenario_vars[name]
-    for path in sorted(GROUP_VARS.glob("*.yml")):
+    """Value of a deploy variable: the scenario's host_vars over the inventory's
+    group_vars over role defaults, as in Ansible. A value that only names
+    another variable ("{{ ssehub_port }}": what one role takes from another's)
+    is that variable's value."""
+    for path in [*sorted(SCENARIO_HOST_VARS.glob("*.yml")), *sorted(GROUP_VARS.glob("*.yml"))]:
         data = _load_yaml(path)
         if name in data:
-            return data[name]
-    role = name.split("_", 1)[0]
-    defaults = _load_yaml(ROOT / "roles" / role / "defaults" / "main.yml")
-    return defaults[name]
+            value = data[name]
+            break
+    else:
+        role = name.split("_", 1)[0]
+        value = _load_yaml(ROOT / "roles" / role / "defaults" / "main.yml")[name]
+    alias = re.fullmatch(r"\{\{\s*(\w+)\s*\}\}", value) if isinstance(value, str) else None
+    return setting(alias.group(1)) if alias else value
 
 
 @functools.cache
@@ -273,6 +278,9 @@ class Stream:
     headers: list[httpx.Headers] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     connects: int = 0
+    # (opened, ended, why) per connection, time.monotonic(): what a test prints
+    # when a stream misbehaves.
+    history: list[tuple[float, float, str]] = field(default_factory=list)
     opened: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -306,6 +314,7 @@ class Stream:
             }
             if self.last_event_id:
                 headers["Last-Event-ID"] = self.last_event_id
+            began, why = time.monotonic(), "ended by the server"
             try:
                 with client() as c, c.stream(
                     "GET", "/events/", params={"channel": self.channel},
@@ -318,12 +327,14 @@ class Stream:
                     if r.status_code != 200:
                         raise httpx.HTTPError(f"status {r.status_code}")
                     self._read(r)
-            except httpx.HTTPError:
-                pass
+            except httpx.HTTPError as exc:
+                why = f"{type(exc).__name__}: {exc}"
             except Exception:
                 if not self._stop.is_set():
                     raise
                 return  # stop() closed the response under the reader
+            finally:
+                self.history.append((began, time.monotonic(), why))
             if not self.reconnect:
                 break
             time.sleep(0.3)

@@ -93,18 +93,44 @@ def test_headers_and_first_bytes_arrive_at_once_on_a_quiet_stream():
         assert first.startswith(("retry:", ":"))
 
 
+def _proxy_log() -> str:
+    """The deployed proxy's access log (nginx's file, Caddy's journal)."""
+    proxy = get_host(hosts_in("proxy")[0])
+    read = ("journalctl -u caddy --no-pager -o cat -n 5000" if proxy.exists("caddy")
+            else "cat /var/log/nginx/access.log")
+    return str(proxy.check_output(read))
+
+
+def _what_the_hosts_saw(channel: str, seconds: float) -> str:
+    """The hub's journal on each app host for the last ``seconds`` and the
+    proxy's log lines for ``channel``: printed when a stream misbehaves."""
+    parts = []
+    for name in hosts_in("app"):
+        journal = get_host(name).run(
+            f"journalctl -u ssehub --no-pager -o short-iso-precise --since=-{int(seconds) + 5}s")
+        parts.append(f"--- ssehub journal on {name}:\n{journal.stdout}")
+    lines = [line for line in _proxy_log().splitlines() if channel in line]
+    parts.append("--- proxy log for the channel:\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
 def test_heartbeats_arrive_on_an_idle_stream(stream_factory):
     """A2: heartbeat comments reach an idle stream well inside the proxy's read
     timeout (three heartbeats), and it stays open.
 
     Each worker sends them on one clock, so the first comes within one
     heartbeat. In two full cluster runs of 2026-12-06 none came within
-    heartbeat + 3 s (18 s) on one stream, while the same test passed alone on
-    the same deploy twice; cause not found. The bound is two heartbeats + 3 s
-    (still under the 45 s read timeout that would cut the stream), and the test
-    prints when the first comment came and how many connections it took."""
+    heartbeat + 3 s (18 s) on one stream, and in one single-host-caddy run an
+    idle stream was ended after about 4 s and reconnected (nothing lost); all
+    three under a machine loaded by other test runs, never alone or on a quiet
+    machine. The bound is two heartbeats + 3 s (still under the 45 s read
+    timeout that would cut the stream); when the first comment is later than
+    heartbeat + 3 s or the stream took more than one connection, the test
+    prints each connection and what the hubs and the proxy logged, so the next
+    occurrence shows its cause."""
     heartbeat = int(setting("ssehub_heartbeat"))
-    s = stream_factory(new_channel())
+    channel = new_channel()
+    s = stream_factory(channel)
     opened = time.monotonic()
     deadline = opened + 2 * heartbeat + 3
     while time.monotonic() < deadline and not any(at > opened + 0.5 for at, _ in s.comments):
@@ -112,10 +138,13 @@ def test_heartbeats_arrive_on_an_idle_stream(stream_factory):
     first = next((at - opened for at, _ in s.comments if at > opened + 0.5), None)
     print(f"first comment on an idle stream after {first} s (heartbeat {heartbeat} s), "
           f"{s.connects} connection(s): {s.comments}")
+    if first is None or first > heartbeat + 3 or s.connects > 1:
+        connections = [(round(a - opened, 2), round(b - opened, 2), why)
+                       for a, b, why in s.history]
+        print(f"IDLE STREAM ANOMALY: ended connections (opened, ended, why) {connections}, "
+              f"{s.connects - len(connections)} open, statuses {s.statuses}\n"
+              + _what_the_hosts_saw(channel, time.monotonic() - opened))
     assert first is not None, s.comments
-    # Not asserted for now: one connection. In single-host-caddy on 2026-12-06 an
-    # idle stream was ended after about 4 s once and reconnected (with its
-    # Last-Event-ID, so nothing is lost); cause not found, to look into.
 
 
 def test_last_event_id_replays_the_gap_through_the_proxy(stream_factory):
@@ -144,12 +173,9 @@ def test_a_token_in_the_query_is_redacted_in_the_proxys_logs():
     with client() as c:
         r = c.get("/events/", params={"channel": channel, "token": sub}, extensions=ext())
     assert r.status_code == 403
-    proxy = get_host(hosts_in("proxy")[0])
-    read = ("journalctl -u caddy --no-pager -o cat -n 5000" if proxy.exists("caddy")
-            else "cat /var/log/nginx/access.log")
     wanted = f"channel={channel}&token=REDACTED"
     deadline = time.monotonic() + 10
-    while wanted not in (out := proxy.check_output(read)) and time.monotonic() < deadline:
+    while wanted not in (out := _proxy_log()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert wanted in out
     assert sub not in out

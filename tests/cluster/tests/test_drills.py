@@ -151,7 +151,7 @@ def restart_postgresql() -> None:
 
 def _proxy() -> tuple[Any, str]:
     name = hosts_in("proxy")[0]
-    return get_host(name), "caddy" if setting("ssehub_proxy") == "caddy" else "nginx"
+    return get_host(name), "caddy" if setting("ssekit_proxy") == "caddy" else "nginx"
 
 
 def reload_proxy() -> None:

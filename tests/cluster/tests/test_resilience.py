@@ -109,7 +109,7 @@ echo $(( ($(date +%s%N) - start) / 1000000 )) $left
 def test_nginx_reload_finishes_with_open_streams(stream_factory):
     """A9: the workers serving streams when a reload starts are gone within
     worker_shutdown_timeout; clients resume without gaps."""
-    if setting("ssehub_proxy") != "nginx" and not hosts_in("proxy"):
+    if setting("ssekit_proxy") != "nginx" and not hosts_in("proxy"):
         pytest.skip("nginx only")
     proxy = get_host(proxy_name())
     if not proxy.exists("nginx"):
