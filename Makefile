@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := redis-server postgresql pgbouncer nginx caddy curl chromium iptables
 
-.PHONY: help deps venv lock up-local down-local test lint test-app bench wheel
+.PHONY: help deps venv lock up-local down-local test lint test-app test-deploy bench wheel
 
 help:
 	@echo "make up      the cluster in Vagrant (docker): proxy, app hosts, Redis, PostgreSQL deployed by site.yml; smoke-tested"
 	@echo "make down    vagrant destroy -f"
 	@echo "make up-local    start Redis, PostgreSQL, the hub (gunicorn) and nginx on loopback; smoke-test it"
 	@echo "make down-local  stop what make up-local started"
-	@echo "make test    lint (Python, roles), the app's tests (real Redis, PostgreSQL, pgbouncer, nginx, Caddy, Chromium), both Molecule scenarios, test-vagrant"
+	@echo "make test    lint (Python, roles), the app's tests (real Redis, PostgreSQL, pgbouncer, nginx, Caddy, Chromium), the deploy's tests on loopback, both Molecule scenarios, test-vagrant"
 	@echo "make bench   the benchmark (prints figures)"
 
 # Debian packages the stack and the tests run (skipped when already there).
@@ -39,8 +39,9 @@ UPGRADE ?=
 
 # The venv runs what a deploy installs: the lock with its hashes checked, then
 # the app without resolving anything, then the test tools, which may not move
-# a locked version (-c: a conflict fails here, not later in a test).
-$(STAMP): app/pyproject.toml $(LOCK) $(wildcard requirements-deploy.txt)
+# a locked version (-c: a conflict fails here, not later in a test), and the
+# tests' harness (ssekit_testing, tests/support).
+$(STAMP): app/pyproject.toml $(LOCK) $(wildcard requirements-deploy.txt) tests/support/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --require-hashes -r $(LOCK)
@@ -48,6 +49,7 @@ $(STAMP): app/pyproject.toml $(LOCK) $(wildcard requirements-deploy.txt)
 	sed -n 's/^\([A-Za-z0-9][^ ]*==[^ ]*\).*/\1/p' $(LOCK) > $(VENV)/lock-constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/lock-constraints.txt -e 'app[test]'
 	@if [ -f requirements-deploy.txt ]; then $(PY) -m pip install -q -c $(VENV)/lock-constraints.txt -r requirements-deploy.txt; fi
+	$(PY) -m pip install -q --no-deps -e tests/support
 	touch $@
 
 venv: $(STAMP)
@@ -76,9 +78,14 @@ lint: venv
 test-app: deps venv
 	$(VENV)/bin/pytest app/tests
 
+# The deploy side on this machine, no containers (tests/deploy): the roles' templates
+# against templates/, the proxies as configured, the smoke check and its module.
+test-deploy: deps venv
+	$(VENV)/bin/pytest tests/deploy
+
 # lint-deploy and test-cluster live in mk/cluster.mk: yamllint, ansible-lint
 # production profile, role checks; then both Molecule scenarios (docker, systemd).
-test: lint lint-deploy test-app test-cluster test-vagrant
+test: lint lint-deploy test-app test-deploy test-cluster test-vagrant
 
 bench: deps venv
 	$(PY) tests/bench/run.py

@@ -8,10 +8,12 @@ CLUSTER_SCENARIOS ?= cluster single-host-caddy
 
 .PHONY: deploy-deps cluster-prepare test-cluster lint-deploy $(addprefix test-cluster-,$(CLUSTER_SCENARIOS))
 
-# Controller tool chain (ansible, molecule, testinfra, linters) in the venv.
+# Controller tool chain (ansible, molecule, testinfra, linters) in the venv, and
+# the tests' harness the cluster's checks import (tokens, the SSE parser).
 deploy-deps:
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	timeout 900 $(VENV)/bin/pip install -q -r requirements-deploy.txt
+	$(VENV)/bin/pip install -q --no-deps -e tests/support
 
 # docker.io + debootstrap, dockerd running, the systemd base image (cached).
 cluster-prepare:

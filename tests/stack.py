@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "app" / "tests"))
+from ssekit_testing.servers import Nginx, Postgres, Redis, ServedHub
 
-from servers import Hub, Nginx, Postgres, Redis  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STATE = ROOT / ".cache" / "stack"
 PIDS = STATE / "pids.json"
@@ -63,7 +62,7 @@ def up() -> None:
 
         subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"], check=True)
         step("starting the hub (gunicorn, 2 uvicorn workers)")
-        hub = Hub(STATE, env, workers=2)
+        hub = ServedHub(STATE, env, workers=2)
         hub.start()
         pids["hub"] = hub.process.pid  # type: ignore[union-attr]
         step("starting nginx with templates/nginx")
@@ -74,7 +73,7 @@ def up() -> None:
         PIDS.write_text(json.dumps(pids))
     step("smoke test: publish through nginx, receive through nginx")
     latency = smoke(nginx.url, env["SSEHUB_TOKEN_SECRET"])
-    from ssehub import tokens
+    from ssekit_testing import tokens
 
     pub = tokens.mint(env["SSEHUB_TOKEN_SECRET"], publish=["*"], ttl=86400)
     sub = tokens.mint(env["SSEHUB_TOKEN_SECRET"], subscribe=["*"], ttl=86400)

@@ -34,11 +34,11 @@ from typing import TypeVar
 
 import httpx
 import pytest
-from conftest import SECRET, base_env
 from httpx_sse import aconnect_sse
-from servers import REPO, Caddy, Hub, Nginx, Redis, render_with_ansible, role_defaults, running
-
-from ssehub import tokens
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.roles import REPO, render_with_ansible, role_defaults
+from ssekit_testing.servers import Caddy, Nginx, Redis, ServedHub, running
 
 pytestmark = pytest.mark.asyncio
 
@@ -82,19 +82,20 @@ class Lost:
 
 
 @pytest.fixture(scope="module")
-def hubs(redis_server: Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Hub]]:
+def hubs(redis_server: Redis,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServedHub]]:
     directory = tmp_path_factory.mktemp("hostloss")
     env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="hostloss:",
                    SSEHUB_HEARTBEAT="1", SSEHUB_PUBLIC_CHANNELS="public.*",
                    SSEHUB_DATA_DIR=str(directory))
     subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
                    env={**os.environ, **env}, check=True, timeout=120)
-    with running(Hub(directory, env)) as first, running(Hub(directory, env)) as second:
+    with running(ServedHub(directory, env)) as first, running(ServedHub(directory, env)) as second:
         yield [first, second]
 
 
 @pytest.fixture(params=["nginx", "caddy"])
-def proxy(request: pytest.FixtureRequest, hubs: list[Hub], tmp_path: Path
+def proxy(request: pytest.FixtureRequest, hubs: list[ServedHub], tmp_path: Path
           ) -> Iterator[Nginx | Caddy]:
     ports = [hub.port for hub in hubs]
     server = Nginx(tmp_path, ports) if request.param == "nginx" else Caddy(tmp_path, ports)
@@ -184,7 +185,7 @@ async def readers(url: str, channel: str, count: int = STREAMS) -> AsyncIterator
 
 
 async def test_publishing_keeps_its_rate_while_an_app_host_is_lost(
-        proxy: Nginx | Caddy, hubs: list[Hub]) -> None:
+        proxy: Nginx | Caddy, hubs: list[ServedHub]) -> None:
     lost = Lost(hubs[0].port)
     channel = f"public.hostloss-{uuid.uuid4().hex[:8]}"
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=20)
@@ -311,7 +312,7 @@ class Drill:
         self.got, self.ids = got, ids  # ids each stream received; ids published
 
 
-async def lose_the_busier_host(proxy: Nginx | Caddy, hubs: list[Hub]) -> Drill:
+async def lose_the_busier_host(proxy: Nginx | Caddy, hubs: list[ServedHub]) -> Drill:
     channel = f"public.darkstream-{uuid.uuid4().hex[:8]}"
     async with readers(proxy.url, channel, DARK_STREAMS) as streams, \
             httpx.AsyncClient(timeout=10) as client:
@@ -365,7 +366,7 @@ async def test_every_stream_on_a_lost_host_receives_again_within_10_seconds(
                            SSEHUB_DATA_DIR=str(tmp_path))  # the default heartbeat, 15 s
             subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
                            env={**os.environ, **env}, check=True, timeout=120)
-            hubs = [stack.enter_context(running(Hub(tmp_path, env))) for _ in range(2)]
+            hubs = [stack.enter_context(running(ServedHub(tmp_path, env))) for _ in range(2)]
             (tmp_path / kind).mkdir()
             server = (Nginx if kind == "nginx" else Caddy)(tmp_path / kind,
                                                            [hub.port for hub in hubs])

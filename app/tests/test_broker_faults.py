@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import _config_factory
-from servers import Postgres, Redis, running
+from ssekit_testing.servers import Postgres, Redis, running
 
 from ssehub import conf
 from ssehub.brokers import BrokerUnavailable

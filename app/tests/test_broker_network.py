@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import _config_factory
-from servers import Postgres, Redis, free_port, stop, wait_for
+from ssekit_testing.servers import Postgres, Redis, free_port, stop, wait_for
 from test_broker_faults import collect
 
 from ssehub import conf

@@ -23,20 +23,19 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from conftest import SECRET, base_env, fresh_database
-from servers import (
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env, fresh_database
+from ssekit_testing.servers import (
     Caddy,
-    Hub,
     Nginx,
     Postgres,
     Redis,
+    ServedHub,
     running,
     self_signed_certificate,
     stop,
     wait_for,
 )
-
-from ssehub import tokens
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -85,7 +84,7 @@ def tls_stack(redis_server: Redis, pg_server: Postgres,
                    SSEHUB_DEMO="true")
     subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
                    env={**os.environ, **env}, check=True)
-    hub = Hub(directory, env, workers=2)
+    hub = ServedHub(directory, env, workers=2)
     h2 = _nginx(directory / "h2", hub.port, cert, http2=True)
     h1 = _nginx(directory / "h1", hub.port, cert, http2=False)
     # No SSEHUB_CSRF_TRUSTED_ORIGINS: the chat form's POST carries Origin
@@ -288,11 +287,11 @@ RESTART_OPEN = """([url, quietUrl]) => {
 
 
 @pytest.fixture(scope="module", params=["nginx", "caddy"])
-def single_host(request: pytest.FixtureRequest, redis_server: Redis,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hub, Nginx | Caddy]]:
+def single_host(request: pytest.FixtureRequest, redis_server: Redis, tmp_path_factory:
+                pytest.TempPathFactory) -> Iterator[tuple[ServedHub, Nginx | Caddy]]:
     """The single-host layout: the proxy reaches the only hub over its Unix socket.
     nginx with TLS and HTTP/2 (as the role serves it); Caddy over plain HTTP."""
-    from test_proxy_retry import CaddyOnSocket
+    from ssekit_testing.servers import CaddyOnSocket
 
     directory = tmp_path_factory.mktemp(f"single-{request.param}")
     env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="single:",
@@ -300,7 +299,7 @@ def single_host(request: pytest.FixtureRequest, redis_server: Redis,
                    SSEHUB_DATA_DIR=str(directory))
     subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
                    env={**os.environ, **env}, check=True, timeout=120)
-    hub = Hub(directory, env, unix_socket=True)
+    hub = ServedHub(directory, env, unix_socket=True)
     assert hub.socket is not None
     proxy: Nginx | Caddy
     if request.param == "nginx":
@@ -313,7 +312,7 @@ def single_host(request: pytest.FixtureRequest, redis_server: Redis,
         yield hub, proxy
 
 
-def restart(hub: Hub, down: float) -> None:
+def restart(hub: ServedHub, down: float) -> None:
     """Stop the hub as systemd does (SIGTERM: it drains), leave it down, start it."""
     assert hub.process is not None
     stop(hub.process, timeout=30)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import base_env, fresh_database
-from servers import Hub as Served
-from servers import Postgres, Redis
+from ssekit_testing.fixtures import base_env, fresh_database
+from ssekit_testing.servers import Postgres, Redis
+from ssekit_testing.servers import ServedHub as Served
 
 pytestmark = pytest.mark.asyncio
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from servers import start_embedded, stop
+from ssekit_testing.servers import start_embedded, stop
 
 
 def clean_env(home: Path) -> dict[str, str]:

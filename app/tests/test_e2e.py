@@ -17,11 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SECRET, base_env, fresh_database
 from httpx_sse import aconnect_sse
-from servers import Hub, Postgres, Redis
-
-from ssehub import tokens
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env, fresh_database
+from ssekit_testing.servers import Postgres, Redis, ServedHub
 
 pytestmark = pytest.mark.asyncio
 
@@ -31,8 +30,7 @@ def token(publish: list[str] | None = None, subscribe: list[str] | None = None,
     return tokens.mint(SECRET, publish=publish or [], subscribe=subscribe or [], ttl=ttl)
 
 
-def auth(value: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {value}"}
+auth = tokens.bearer
 
 
 async def publish(client: httpx.AsyncClient, base: str, channel: str, data: object,
@@ -176,7 +174,7 @@ async def test_i1_replay_then_live_without_gap_or_duplicate(proxy, client) -> No
 
 
 async def test_i1_a_long_replay_arrives_whole_and_in_order(proxy, client) -> None:  # type: ignore[no-untyped-def]
-    """A replay of several writes (stream.REPLAY_WRITE_BYTES each), then live."""
+    """A replay of several writes (replay.REPLAY_WRITE_BYTES each), then live."""
     channel = "i1.long"
     data = "x" * 30_000
     ids = [await publish(client, proxy.url, channel, f"{i} {data}") for i in range(20)]
@@ -474,7 +472,7 @@ async def test_chat_demo_posts_reach_the_stream(proxy, client) -> None:  # type:
 
 
 @pytest.fixture
-def lone_stack(tmp_path: Path, pg_server: Postgres) -> Iterator[tuple[Redis, Hub]]:
+def lone_stack(tmp_path: Path, pg_server: Postgres) -> Iterator[tuple[Redis, ServedHub]]:
     """A hub with its own Redis, for tests that stop servers."""
     redis = Redis(tmp_path)
     redis.start()
@@ -482,7 +480,7 @@ def lone_stack(tmp_path: Path, pg_server: Postgres) -> Iterator[tuple[Redis, Hub
                    SSEHUB_PUBLIC_CHANNELS="*", SSEHUB_DRAIN_SECONDS="3",
                    SSEHUB_SUBSCRIBER_BUFFER="20",
                    SSEHUB_DATA_DIR=str(tmp_path))
-    hub = Hub(tmp_path, env, workers=1)
+    hub = ServedHub(tmp_path, env, workers=1)
     hub.start()
     yield redis, hub
     hub.stop()

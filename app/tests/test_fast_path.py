@@ -1,7 +1,7 @@
 """Issue 12: the fast path must not disappear in an upgrade.
 
 The hub writes each event's pre-built chunk straight into uvicorn's httptools
-transport (stream.direct_cycle), which depends on uvicorn internals; any other
+transport (subscriber.direct_cycle), which depends on uvicorn internals; any other
 server or protocol falls back to the plain ASGI path at about a quarter of the
 throughput, with every other test still green. So: under ``ssehub serve``
 (gunicorn, the hub's uvicorn worker, the installed uvicorn and httptools) every
@@ -21,11 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SECRET, base_env
-from servers import Hub as Served
-from servers import Redis, free_port, stop, wait_for
-
-from ssehub import tokens
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.servers import Redis, free_port, stop, wait_for
+from ssekit_testing.servers import ServedHub as Served
 
 
 def paths(base: str) -> dict[str, float]:

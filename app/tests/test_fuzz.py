@@ -22,15 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
-from conftest import SECRET, base_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servers import Hub as Served
-from servers import Redis
-
-from ssehub import tokens
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.servers import Redis
+from ssekit_testing.servers import ServedHub as Served
 
 EXAMPLES = int(os.environ.get("SSEHUB_FUZZ_EXAMPLES", "150"))
 # An answer must come within the hub's command timeout (5 s), whatever it is.
@@ -102,7 +100,7 @@ CLAIM_VALUES = st.one_of(JSON_ANY, st.integers(min_value=-2**70, max_value=2**70
 
 def _sign(claims: dict[str, Any], algorithm: str) -> str:
     try:
-        return jwt.encode(claims, SECRET, algorithm=algorithm)
+        return tokens.signed(claims, SECRET, algorithm)
     except (TypeError, ValueError, OverflowError):
         return "not.a.token"
 

@@ -26,14 +26,15 @@ from typing import Any
 import psycopg
 import pytest
 import pytest_asyncio
-from conftest import _config_factory, fresh_database, received
-from servers import DeployedRedis, Postgres, stop
+from conftest import _config_factory, received
+from ssekit_testing.fixtures import fresh_database
+from ssekit_testing.servers import DeployedRedis, Postgres, stop
 
 from ssehub import conf, metrics
-from ssehub.brokers import postgres as postgres_broker
-from ssehub.brokers import redis as redis_broker
+from ssehub.brokers import listener
 from ssehub.conf import postgres_conninfo
-from ssehub.hub import Hub, Subscriber
+from ssehub.hub import Hub
+from ssehub.subscriber import Subscriber
 
 pytestmark = pytest.mark.asyncio
 
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.asyncio
 @pytest_asyncio.fixture
 async def deployed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                    ) -> AsyncIterator[tuple[DeployedRedis, Hub]]:
-    monkeypatch.setattr(redis_broker, "HISTORY_CHECK_SECONDS", 0.5)
+    monkeypatch.setattr(listener, "HISTORY_CHECK_SECONDS", 0.5)
     redis = DeployedRedis(tmp_path)
     redis.start()
     hub = Hub(_config_factory(redis.url)(SSEHUB_REDIS_PREFIX="ssehub:"))
@@ -164,7 +165,7 @@ async def test_a_store_from_before_epochs_keeps_its_ids(deployed) -> None:  # ty
 @pytest_asyncio.fixture
 async def pg(pg_server: Postgres, monkeypatch: pytest.MonkeyPatch
              ) -> AsyncIterator[tuple[str, Hub]]:
-    monkeypatch.setattr(postgres_broker, "HISTORY_CHECK_SECONDS", 0.5)
+    monkeypatch.setattr(listener, "HISTORY_CHECK_SECONDS", 0.5)
     url = fresh_database(pg_server)
     hub = Hub(_config_factory(url)())
     await hub.start()

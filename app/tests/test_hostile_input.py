@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from conftest import SECRET, base_env, fresh_database
-from servers import Hub as Served
-from servers import Postgres, Redis
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env, fresh_database
+from ssekit_testing.servers import Postgres, Redis
+from ssekit_testing.servers import ServedHub as Served
 
-from ssehub import tokens
 from ssehub.brokers import BrokerUnavailable
 from ssehub.brokers import redis as redis_broker
 from ssehub.hub import Hub
@@ -46,7 +46,7 @@ def served(request: pytest.FixtureRequest,
 
 
 def auth(**grants: list[str]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tokens.mint(SECRET, ttl=300, **grants)}"}
+    return tokens.bearer(tokens.mint(SECRET, ttl=300, **grants))
 
 
 async def test_a_lone_surrogate_in_the_event_name_is_refused_not_held(

@@ -16,13 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import jwt
 import pytest
-from conftest import SECRET, base_env, fresh_database
-from servers import Hub as Served
-from servers import Postgres, Redis
-
-from ssehub import tokens
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env, fresh_database
+from ssekit_testing.servers import Postgres, Redis
+from ssekit_testing.servers import ServedHub as Served
 
 pytestmark = pytest.mark.asyncio
 
@@ -64,7 +62,7 @@ class LogSince:
 
 
 def signed(claims: dict[str, object]) -> str:
-    return jwt.encode(claims, SECRET, algorithm="HS256")
+    return tokens.signed(claims, SECRET)
 
 
 async def chat_post(client: httpx.AsyncClient, url: str, **fields: str) -> httpx.Response:
@@ -226,7 +224,7 @@ def auth_publish() -> dict[str, str]:
 
 async def test_the_embedded_mode_refuses_a_short_secret(tmp_path: Path) -> None:
     """A 5-character secret was accepted when the broker was memory://."""
-    from servers import free_port
+    from ssekit_testing.servers import free_port
 
     env = {**os.environ, **base_env(SSEHUB_DATA_DIR=str(tmp_path), SSEHUB_TOKEN_SECRET="12345")}
     env.pop("SSEHUB_BROKER_URL", None)

@@ -12,7 +12,7 @@ import gc
 import threading
 
 import pytest
-from servers import Redis
+from ssekit_testing.servers import Redis
 
 import ssehub
 from ssehub.hub import Hub

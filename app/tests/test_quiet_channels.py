@@ -28,8 +28,9 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from conftest import _config_factory, fresh_database
-from servers import Postgres, Redis
+from conftest import _config_factory
+from ssekit_testing.fixtures import fresh_database
+from ssekit_testing.servers import Postgres, Redis
 
 from ssehub import conf
 from ssehub.brokers import Broker, create

@@ -60,7 +60,7 @@ async def test_503_names_the_database_when_it_is_unreachable(client, tmp_path) -
 async def test_503_while_the_broker_listener_has_no_connection(client, pg_config) -> None:  # type: ignore[no-untyped-def]
     """Publishes still store, but nothing is delivered live: not ready. (A wrong
     SSEHUB_PG_LISTEN_URL used to leave /readyz at 200 while every stream got 503.)"""
-    from servers import free_port
+    from ssekit_testing.servers import free_port
 
     pg_config(SSEHUB_PG_LISTEN_URL=f"postgres://127.0.0.1:{free_port()}/nowhere")
     for _ in range(3):  # the listener keeps retrying; readiness stays red meanwhile

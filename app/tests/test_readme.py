@@ -110,6 +110,10 @@ def test_each_setting_is_a_field_of_config_typed_as_it_parses(tmp_path: Path) ->
     assert config.database_url == unset["SSEHUB_DATABASE_URL"] and config.data_dir == tmp_path
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.heartbeat = 1.0  # type: ignore[misc]
+    # Its repr (tracebacks, debuggers) shows no secret and no URL's password.
+    assert "database_url=..." in repr(config) and "heartbeat=15.0" in repr(config)
+    for secret in (config.token_secret, config.secret_key, "u:p@"):
+        assert secret not in repr(config)
     # A name that is no field fails too (a TypeError on 3.11: the frozen __setattr__ names
     # the class that slots=True replaced).
     with pytest.raises((dataclasses.FrozenInstanceError, TypeError)):

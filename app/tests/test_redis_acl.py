@@ -23,10 +23,10 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import _config_factory, take
 from redis.exceptions import NoPermissionError
-from servers import DeployedRedis, running
+from ssekit_testing.servers import DeployedRedis, running
 
 from ssehub import conf
-from ssehub.brokers import redis as redis_broker
+from ssehub.brokers import listener
 from ssehub.hub import Hub
 
 pytestmark = pytest.mark.asyncio
@@ -66,7 +66,7 @@ def acl_log(redis: DeployedRedis) -> list[str]:
 async def test_publish_replay_and_listen_under_the_deployed_acl(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The listener's periodic history check runs during the test, not 5 s later.
-    monkeypatch.setattr(redis_broker, "HISTORY_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(listener, "HISTORY_CHECK_SECONDS", 0.05)
     with running(DeployedRedis(tmp_path)) as redis:
         hub = Hub(_config_factory(redis.url)(SSEHUB_REDIS_PREFIX="ssehub:"))
         await hub.start()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import _config_factory, take
-from servers import DeployedRedis, running, stop
+from ssekit_testing.servers import DeployedRedis, running, stop
 
 from ssehub import conf
 from ssehub.hub import UNLISTEN_DELAY, Hub

@@ -4,7 +4,7 @@ Before: the brokers read a replay's whole range at once (XRANGE without COUNT,
 fetchall) and the stream held it while a client that never read sat on it; 500
 stored events of 32 KB on a public channel grew the worker by about 46 MB per
 such stream, freed only when the client left. Now a replay is read in pages of
-``stream.REPLAY_PAGE_EVENTS`` (brokers.Page), each sent under flow control
+``replay.REPLAY_PAGE_EVENTS`` (brokers.Page), each sent under flow control
 before the next is read, and a send that waits on its client for longer than
 SSEHUB_WRITE_TIMEOUT drops the stream (checked once a heartbeat).
 
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SECRET, base_env
-from servers import Hub as Served
-from servers import Redis
+from ssekit_testing import sse, tokens
+from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.servers import Redis
+from ssekit_testing.servers import ServedHub as Served
 
-from ssehub import tokens
-from ssehub.stream import REPLAY_PAGE_EVENTS
+from ssehub.replay import REPLAY_PAGE_EVENTS
 
 pytestmark = pytest.mark.asyncio
 
@@ -137,15 +137,11 @@ async def _read(client: httpx.AsyncClient, url: str, count: int,
     got: list[tuple[int, str]] = []
     async with client.stream("GET", url, headers=headers) as response:
         assert response.status_code == 200
-        event_id, data = None, ""
+        parser = sse.Parser()
         async for line in response.aiter_lines():
-            if line.startswith("id: "):
-                event_id = int(line[4:])
-            elif line.startswith("data: "):
-                data = line[6:]
-            elif line == "" and event_id is not None and data:
-                got.append((event_id, data))
-                event_id, data = None, ""
+            event = parser.feed(line)
+            if event is not None and event.id is not None and event.data:
+                got.append((int(event.id), event.data))
                 if len(got) == count:
                     return got
     return got

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import base_env
+from ssekit_testing.fixtures import base_env
 
 
 def ssehub(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import base_env, fresh_database
 from httpx_sse import aconnect_sse
-from servers import Hub, Nginx, Postgres, Redis, running
+from ssekit_testing.fixtures import base_env, fresh_database
+from ssekit_testing.servers import Nginx, Postgres, Redis, ServedHub, running
 
 SERVED = Path(__file__).parent / "served"
 pytestmark = pytest.mark.asyncio
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.asyncio
 
 @pytest.fixture(scope="module")
 def served(redis_server: Redis, pg_server: Postgres,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nginx, Path, Hub]]:
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nginx, Path, ServedHub]]:
     directory = tmp_path_factory.mktemp("served")
     markers = directory / "markers"
     markers.mkdir()
@@ -43,7 +43,7 @@ def served(redis_server: Redis, pg_server: Postgres,
                    PYTHONPATH=os.pathsep.join([str(SERVED), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-m", "ssehub.cli", "migrate", "-v", "0"],
                    env={**os.environ, **env}, check=True)
-    with running(Hub(directory, env, workers=1)) as hub, \
+    with running(ServedHub(directory, env, workers=1)) as hub, \
             running(Nginx(directory, [hub.port])) as nginx:
         yield nginx, markers, hub
 
@@ -171,7 +171,7 @@ async def test_e2_sigterm_ends_custom_streams_with_the_drain_comment(
                    SSEHUB_DATA_DIR=str(tmp_path), SSEHUB_DRAIN_SECONDS="8",
                    DJANGO_SETTINGS_MODULE="served_settings", SERVED_MARKERS=str(markers),
                    PYTHONPATH=os.pathsep.join([str(SERVED), os.environ.get("PYTHONPATH", "")]))
-    with running(Hub(tmp_path, env, workers=1)) as hub:
+    with running(ServedHub(tmp_path, env, workers=1)) as hub:
         assert hub.process is not None
         async with httpx.AsyncClient(timeout=10) as client:
             async with client.stream("GET", f"{hub.url}/events/ticks/?tag=drain") as response:

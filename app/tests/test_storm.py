@@ -28,9 +28,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import base_env
-from servers import Hub, Nginx, Redis, locations_for_load, role_defaults, running
-from test_proxy_retry import CaddyOnSocket
+from ssekit_testing.fixtures import base_env
+from ssekit_testing.roles import role_defaults
+from ssekit_testing.servers import (
+    CaddyOnSocket,
+    Nginx,
+    Redis,
+    ServedHub,
+    locations_for_load,
+    running,
+)
 
 NGINX_STREAMS = 10_000
 CADDY_STREAMS = 9_000
@@ -54,12 +61,12 @@ def role_kernel() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def hub(role_kernel: int, redis_server: Redis,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedHub]:
     """One worker on its Unix socket and on 127.0.0.1, as the role's single host."""
     directory = tmp_path_factory.mktemp("storm")
     env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="storm:",
                    SSEHUB_PUBLIC_CHANNELS="public.*", SSEHUB_DATA_DIR=str(directory))
-    with running(Hub(directory, env, unix_socket=True, tcp_too=True)) as server:
+    with running(ServedHub(directory, env, unix_socket=True, tcp_too=True)) as server:
         yield server
 
 
@@ -115,7 +122,7 @@ async def storm(port: int, count: int) -> tuple[collections.Counter[str], float]
 
 
 def test_nginx_opens_ten_thousand_streams_at_once_over_the_unix_socket(
-        hub: Hub, tmp_path: Path) -> None:
+        hub: ServedHub, tmp_path: Path) -> None:
     upstreams: list[int | str] = [hub.bind, f"127.0.0.1:{hub.port} backup"]
     nginx = Nginx(tmp_path, upstreams, locations=locations_for_load(tmp_path), workers=4,
                   worker_connections=8192)
@@ -128,7 +135,7 @@ def test_nginx_opens_ten_thousand_streams_at_once_over_the_unix_socket(
 
 
 def test_caddy_opens_nine_thousand_streams_at_once_over_the_unix_socket(
-        hub: Hub, tmp_path: Path) -> None:
+        hub: ServedHub, tmp_path: Path) -> None:
     assert hub.socket is not None
     with running(CaddyOnSocket(tmp_path, hub.socket)) as caddy:
         outcomes, took = asyncio.run(storm(caddy.port, CADDY_STREAMS))

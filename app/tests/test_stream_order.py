@@ -2,7 +2,7 @@
 and a Last-Event-ID replay meets the live events it already covered.
 
 The hub writes each event straight to an idle, writable stream's socket
-(hub.Subscriber.push); otherwise the stream's task sends what was buffered.
+(subscriber.Subscriber.push); otherwise the stream's task sends what was buffered.
 uvicorn's ``send`` waits for a paused socket to drain *before* writing, so once
 the socket drained, the next event found an empty buffer and a writable socket
 and went out ahead of the frames the task still held: ids out of order, and
@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from ssehub.hub import Subscriber
 from ssehub.sse import Event
-from ssehub.stream import _pump
+from ssehub.subscriber import Subscriber
 
 
 @pytest.mark.asyncio
@@ -39,7 +38,7 @@ async def test_direct_write_waits_for_frames_the_task_is_still_sending() -> None
     subscriber = Subscriber(("c",), limit=100)
     subscriber.cycle = SimpleNamespace(transport=transport, flow=flow, disconnected=False)
     subscriber.chunked = False
-    task = asyncio.create_task(_pump(subscriber, send))
+    task = asyncio.create_task(subscriber.pump(send))
     first, second, third = (Event("c", f"n{i}", None, i) for i in (1, 2, 3))
 
     subscriber.push(first)  # the socket is paused: buffered for the task

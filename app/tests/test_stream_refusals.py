@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import _config_factory
-from servers import free_port
+from ssekit_testing.servers import free_port
 
 from ssehub import conf
 from ssehub import hub as hub_module

@@ -29,11 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "app" / "tests"))
-
-from servers import Hub, Nginx, Redis, locations_for_load  # noqa: E402
-from ssehub import tokens  # noqa: E402
+from ssekit_testing import tokens
+from ssekit_testing.servers import Nginx, Redis, ServedHub, locations_for_load
 
 FRAME = re.compile(rb"id: (\d+)\ndata: ([0-9.]+)\n\n")
 CHANNEL = "bench"
@@ -346,7 +343,7 @@ def main() -> None:
         STREAM_PATH = "/events/django/"
         env.update(DJANGO_SETTINGS_MODULE="bench_django", PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    hub = Hub(directory, env, workers=1, unix_socket=not (args.direct or args.tcp))
+    hub = ServedHub(directory, env, workers=1, unix_socket=not (args.direct or args.tcp))
     nginx = bench_nginx(directory / "nginx", hub.bind, workers=1)
     try:
         redis.start()
@@ -359,7 +356,7 @@ def main() -> None:
     print(json.dumps(results, indent=1))
 
 
-def run_scenarios(args: argparse.Namespace, redis: Redis, hub: Hub, nginx: Nginx) -> dict:
+def run_scenarios(args: argparse.Namespace, redis: Redis, hub: ServedHub, nginx: Nginx) -> dict:
     assert hub.process is not None and nginx.process is not None and redis.process is not None
     worker = children(hub.process.pid)[0]
     for pid in (redis.process.pid, hub.process.pid, worker, nginx.process.pid,

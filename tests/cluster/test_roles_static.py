@@ -25,19 +25,19 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from ssekit_testing.roles import role_defaults, run_playbook
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = sorted(p.name for p in (ROOT / "roles").iterdir() if (p / "defaults" / "main.yml").exists())
 
 
 def _defaults(role: str) -> dict:
-    return yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text()) or {}
+    return role_defaults(role, with_vars=False)
 
 
 def _options(role: str) -> dict:
@@ -175,7 +175,6 @@ def _render_layout(tmp_path: Path, hosts: dict[str, list[str]],
             groups.setdefault(group, {"hosts": {}})["hosts"][name] = {
                 "address": f"10.0.0.{n + 10}"}
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": groups}}))
-    (tmp_path / "ansible.cfg").write_text("[defaults]\n")
     names = ["ssehub_unix_socket", "ssehub_bind_address", "__ssehub_binds",
              "nginx_upstream_servers", "caddy_upstream_servers", "__common_sysctl",
              "ssehub_ip_address_allow", "__ssekit_unit", *SHARED]
@@ -200,12 +199,8 @@ def _render_layout(tmp_path: Path, hosts: dict[str, list[str]],
                           "dest": f"{out}-{{{{ inventory_hostname }}}}.json", "mode": "0644",
                           "content": content},
                       }]}]
-    (tmp_path / "render.yml").write_text(yaml.safe_dump(playbook))
-    env = {**os.environ, "ANSIBLE_CONFIG": str(tmp_path / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
-    run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
-                          str(tmp_path / "hosts.yml"), str(tmp_path / "render.yml"),
-                          "-e", json.dumps(extra_vars or {})],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    run = run_playbook(tmp_path, playbook, "-e", json.dumps(extra_vars or {}),
+                       inventory=str(tmp_path / "hosts.yml"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     return {name: json.loads(Path(f"{out}-{name}.json").read_text()) for name in hosts}
 
@@ -335,15 +330,11 @@ def _build_wheelhouse(tmp_path: Path, source: Path, umask: int) -> Path:
                  "tasks": [{"name": "Run the role's build tasks",
                             "ansible.builtin.include_role": {"name": "ssehub",
                                                              "tasks_from": "build.yml"}}]}]
-    (tmp_path / "build.yml").write_text(yaml.safe_dump(playbook))
-    (tmp_path / "ansible.cfg").write_text("[defaults]\n")
-    env = {**os.environ, "ANSIBLE_CONFIG": str(tmp_path / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "PIP_CACHE_DIR": str(tmp_path / "pip")}
     extra = {"ssehub_source_dir": str(source), "ssehub_wheelhouse_cache": str(tmp_path / "wh")}
-    run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,",
-                          str(tmp_path / "build.yml"), "-e", json.dumps(extra)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=600,
-                         preexec_fn=lambda: os.umask(umask))
+    run = run_playbook(tmp_path, playbook, "-e", json.dumps(extra), timeout=600,
+                       env={"ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+                            "PIP_CACHE_DIR": str(tmp_path / "pip")},
+                       preexec_fn=lambda: os.umask(umask))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     (tar,) = (tmp_path / "wh").glob("ssehub-*.tar")
     return tar

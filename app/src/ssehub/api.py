@@ -9,6 +9,12 @@ cannot work across processes and says so.
 hub, else on one background loop per process that keeps its broker client:
 ``async_to_sync`` would make a new loop, hence a new client and connection,
 on every call from a script or a WSGI view, and never close them.
+
+Owns the step from a checked publish to the broker (``apublish_checked``, which
+the HTTP API calls too) and the metric of new events. Must not: authorise (the
+Python API is trusted code; the HTTP API authorises in ingest.py), nor check an
+event other than through publishing.py, nor block a running event loop
+(``publish`` refuses to run inside one).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 from . import conf, metrics
 from .brokers import Broker, BrokerUnavailable, create
 from .hub import get_hub
-from .publishing import PublishError, prepare
+from .publishing import PublishError, checked_channel, prepare
 
 _publishers: dict[asyncio.AbstractEventLoop, Broker] = {}
 _background: asyncio.AbstractEventLoop | None = None
@@ -51,6 +57,14 @@ def _broker_for_this_loop() -> Broker:
 async def apublish(channel: str, data: Any, event: str | None = None, *,
                    idempotency_key: str | None = None) -> int:
     """Store one event and return its id. ``data`` is a string or any JSON value."""
+    return await apublish_checked(checked_channel(channel), data, event,
+                                  idempotency_key=idempotency_key)
+
+
+async def apublish_checked(channel: str, data: Any, event: Any = None, *,
+                           idempotency_key: Any = None) -> int:
+    """``apublish`` to a ``channel`` that ``publishing.checked_channel`` returned (the
+    HTTP API checks it before the token's scope): the channel is checked once."""
     config = conf.get()
     item = prepare(channel, data, event, idempotency_key, max_bytes=config.max_event_bytes)
     broker = _broker_for_this_loop()

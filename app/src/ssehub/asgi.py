@@ -1,5 +1,8 @@
 """The ASGI application: ``/events/`` and ``/publish/`` on thin paths, the rest in Django.
 
+Owns the routing by path and the process's lifespan. Must not: handle a request
+itself (stream.py, ingest.py, Django) nor let Django see a WebSocket upgrade.
+
 Lifespan starts the hub (the broker listener) before the first request and
 hooks SIGTERM: the server's own handler still runs (it stops accepting and
 waits for connections), and ours first turns readiness red and closes every
@@ -20,9 +23,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ssehub.settings")
 from django.core.asgi import get_asgi_application
 
 from . import metrics
+from .http import Receive, Scope, Send
 from .hub import ensure_hub, get_hub, shutdown_hub
 from .ingest import publish_app
-from .stream import Receive, Scope, Send, stream_app
+from .stream import stream_app
 
 log = logging.getLogger(__name__)
 

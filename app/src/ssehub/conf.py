@@ -40,6 +40,11 @@ class Setting:
     parse: Callable[[str], Any] = str
     secret: bool = False
 
+    @property
+    def masked(self) -> bool:
+        """Shown as '...' in errors and reprs: a secret, or a URL that may carry a password."""
+        return self.secret or self.name.endswith("_URL")
+
 
 def _positive_float(value: str) -> float:
     number = float(value)
@@ -292,6 +297,13 @@ class Config:
     def embedded(self) -> bool:
         return _embedded(self.broker_url)
 
+    def __repr__(self) -> str:
+        # Tracebacks and debuggers print it: secrets and URLs (passwords) stay out.
+        shown = ", ".join(
+            f"{key}={'...' if setting.masked else repr(getattr(self, key))}"
+            for key, setting in _FIELDS)
+        return f"Config({shown})"
+
 
 # (field name, its Setting), in the table's order.
 _FIELDS: tuple[tuple[str, Setting], ...] = tuple(
@@ -330,7 +342,7 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
             values[key] = setting.parse(raw)
         except ValueError as exc:
             # URLs may carry a password, and logs keep startup errors: show those masked.
-            shown = "'...'" if setting.secret or setting.name.endswith("_URL") else repr(raw)
+            shown = "'...'" if setting.masked else repr(raw)
             raise ConfigError(f"{setting.name}={shown} is invalid: {exc}") from None
     for key, name in [(key, setting.name) for key, setting in _FIELDS if setting.secret]:
         if values[key]:

@@ -2,11 +2,16 @@
 
 The generator may yield ``str`` (data), ``(event, data)``, a ``dict`` with
 ``data`` and optional ``event``/``id``, or an ``sse.Event``; data that is not a
-string is sent as JSON, and an event name or id with CR or LF raises ValueError
-(it would forge fields). The response has the
-hub's headers, starts with ``retry:`` and a comment at once, and gets heartbeat
-comments while the generator is quiet. Sync generators run in the request's
-thread, one step at a time, so they never block the event loop (E1/F1).
+string is sent as JSON, encoded as the publish API encodes it
+(``sse.data_text``), and an event name or id with CR or LF raises ValueError
+(it would forge fields). The response has the headers of ``/events/``
+(``sse.STREAM_HEADERS``), starts with ``retry:`` and a comment at once, gets
+heartbeat comments while the generator is quiet, and ends with the drain
+comment when the hub drains. Sync generators run in the request's thread, one
+step at a time, so they never block the event loop (E1/F1).
+
+Must not: frame bytes of its own (every byte comes from sse.py), nor block the
+event loop while a generator computes.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
@@ -27,22 +31,15 @@ from .hub import get_hub
 _DONE = object()
 
 
-def _data(value: Any) -> str:
-    """Strings as they are; anything else as compact JSON, as the publish API does."""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 def _frame(item: Any) -> bytes:
     if isinstance(item, sse.Event):
         return item.frame
     if isinstance(item, str):
         return sse.encode(item)
     if isinstance(item, tuple) and len(item) == 2:
-        return sse.encode(_data(item[1]), str(item[0]))
+        return sse.encode(sse.data_text(item[1]), str(item[0]))
     if isinstance(item, dict) and "data" in item:
-        return sse.encode(_data(item["data"]), item.get("event"), item.get("id"))
+        return sse.encode(sse.data_text(item["data"]), item.get("event"), item.get("id"))
     raise TypeError(f"@sse_stream generators yield str, (event, data), dict or Event, not {item!r}")
 
 
@@ -115,10 +112,9 @@ def sse_stream(view: Callable[..., Any]) -> Callable[..., Any]:
         result = view(request, *args, **kwargs)
         source = result if hasattr(result, "__anext__") else _as_async(result)
         response = StreamingHttpResponse(
-            _with_heartbeats(source, config.heartbeat, config.retry_ms),
-            content_type="text/event-stream")
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
+            _with_heartbeats(source, config.heartbeat, config.retry_ms))
+        for name, value in sse.STREAM_HEADERS:  # the /events/ stream's, in the same order
+            response[name] = value
         return response
 
     return wrapper

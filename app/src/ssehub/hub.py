@@ -1,5 +1,16 @@
 """Per-process fan-out: one broker listener, many subscribers.
 
+Owns: which subscribers follow which channel, the broker's interest in each
+channel, the fan-out of what the broker reads (``_on_events``: the hot path),
+heartbeats and the write timeout (``_beat``), drain and lost histories, and the
+age limit on a replay's pages (``replay``). A subscriber's own state and writes
+are subscriber.py's; the HTTP side of a stream is stream.py's, its replay
+replay.py's.
+
+Must not: per event and subscriber, do anything but ``Subscriber.push`` (no
+encoding, no I/O of its own, no token check, no metric, no await), nor talk
+HTTP.
+
 Design choices (read before "simplifying"):
 - One Hub per worker process. The broker calls ``_on_events`` with the events
   it read at once; each event's frame was encoded once, and a burst on one
@@ -28,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -38,6 +48,7 @@ from . import metrics, sse
 from .brokers import Broker, BrokerUnavailable, Replay, create
 from .conf import Config
 from .sse import Event
+from .subscriber import Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -70,140 +81,6 @@ class Batch:
 
 HEARTBEAT = Frame(sse.HEARTBEAT)
 DRAINING = Frame(sse.DRAINING)
-
-
-class Subscriber:
-    """One open stream. Only its own coroutine reads ``buf``; the hub appends."""
-
-    __slots__ = ("buf", "channels", "chunked", "closed", "cycle", "dropped", "floor", "limit",
-                 "sending", "task", "transport", "waiter")
-
-    def __init__(self, channels: tuple[str, ...], limit: int,
-                 task: asyncio.Task[Any] | None = None) -> None:
-        self.channels = channels
-        self.buf: list[Any] = []
-        self.limit = limit
-        self.waiter: asyncio.Future[None] | None = None
-        self.closed = False
-        self.dropped = False
-        # The stream's task, cancelled when it is dropped while blocked in send.
-        self.task = task
-        # Direct write (stream.direct_cycle): uvicorn's response cycle, set once the
-        # headers are out and the replay is done; None means "wake the task instead".
-        self.cycle: Any = None
-        self.chunked = True
-        # The connection's transport when the server has one: a drop aborts it.
-        self.transport: Any = None
-        # Since when (time.monotonic) the stream's task is inside send() with frames
-        # it took from buf, 0.0 when it is not: uvicorn waits for a paused socket to
-        # drain *before* writing them, so a direct write now would overtake them (ids
-        # out of order, duplicates on replay); and Hub._beat drops a stream stuck
-        # there longer than SSEHUB_WRITE_TIMEOUT.
-        self.sending = 0.0
-        # Ids up to here were sent by the Last-Event-ID replay: the listener may
-        # still deliver some of them live (it lags behind the replay's read).
-        self.floor = 0
-
-    def push(self, item: Any) -> bool:
-        """Write or queue ``item``; False when this subscriber does not take it
-        (closed, dropped as slow now, or the replay already sent it)."""
-        if self.closed:
-            return False
-        if self.floor and self.replayed(item):
-            return False
-        cycle = self.cycle
-        if (cycle is not None and not self.buf and not self.sending
-                and not cycle.flow.write_paused and not cycle.disconnected):
-            # The hot path: the frame built once goes straight to the socket; no task
-            # switch per subscriber per event. Anything else queues for the task.
-            cycle.transport.write(item.chunk if self.chunked else item.frame)
-            return True
-        buf = self.buf
-        if len(buf) >= self.limit:
-            self.drop()
-            return False
-        buf.append(item)
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-        return True
-
-    def replayed(self, item: Any) -> bool:
-        """True when the replay already sent ``item`` (a Batch: pushes what it did not).
-
-        Brokers deliver each channel in id order, so once a newer id passes on a
-        one-channel stream nothing older can follow: the floor switches off, and
-        after a rolling deploy (every client replays) the fan-out is back to
-        the plain path.
-        """
-        floor = self.floor
-        events = getattr(item, "events", None)
-        if events is None:
-            if item.id is None:
-                return False
-            if item.id <= floor:
-                return True
-        elif any(e.id is not None and e.id <= floor for e in events):
-            for event in events:
-                if event.id is None or event.id > floor:
-                    self.push(event)
-            return True
-        elif item.id is None:
-            return False
-        if len(self.channels) == 1:
-            self.floor = 0
-        return False
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def close(self) -> None:
-        self.closed = True
-        self.wake()
-
-    def drop(self, why: str = "slow") -> None:
-        """Disconnect a subscriber that fell behind; its writer may be blocked in send.
-
-        ``why``: "slow" (its buffer filled) or "write timeout" (a send waited on the
-        client for longer than SSEHUB_WRITE_TIMEOUT).
-        """
-        self.closed = True
-        self.dropped = True
-        self.buf = []
-        metrics.DROPPED.inc()
-        if why == "write timeout":
-            metrics.WRITE_TIMEOUTS.inc()
-        log.warning("dropped a subscriber of %s: %s (it replays on reconnect)",
-                    ",".join(self.channels), why)
-        transport = self.transport if self.transport is not None else (
-            self.cycle.transport if self.cycle is not None else None)
-        if transport is not None:
-            # Abort the connection: uvicorn sees the disconnect, releases a writer
-            # blocked in flow control, and the stream ends without an error (a
-            # close would wait for a client that does not read to take the buffer).
-            transport.abort()
-            self.wake()
-        elif self.task is not None and self.waiter is None:
-            self.task.cancel()  # stuck writing to a client that does not read
-        else:
-            self.wake()
-
-    async def wait(self) -> None:
-        """Wait until something is buffered or the stream is closed."""
-        if self.buf or self.closed:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self.waiter = waiter
-        try:
-            await waiter
-        finally:
-            self.waiter = None
 
 
 class Hub:
@@ -280,10 +157,9 @@ class Hub:
         affected: set[Subscriber] = set()
         for channel in channels:
             affected.update(self._by_channel.get(channel, ()))
-        reset = Frame(sse.encode(json.dumps({"reason": "history lost"}), "reset", head))
+        reset = Frame(sse.reset({"reason": "history lost"}, head))
         for subscriber in affected:
-            subscriber.floor = 0
-            subscriber.push(reset)
+            subscriber.history_lost(reset)
         metrics.HISTORY_RESETS.inc()
         metrics.STREAM_RESETS.inc(len(affected))
         log.warning("stored history lost on %d channels: %d streams got event: reset (id %d)",
@@ -397,8 +273,7 @@ class Hub:
         self.drained.set()
         log.info("draining %d streams", len(self._subscribers))
         for subscriber in list(self._subscribers):
-            subscriber.buf.append(DRAINING)
-            subscriber.close()
+            subscriber.finish(DRAINING)
 
 
 _hub: Hub | None = None

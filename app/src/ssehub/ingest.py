@@ -7,8 +7,14 @@ path does the same checks without them. It never answers 500: every failure is
 a status with a short JSON reason (400 bad input, 401/403 token, 405 method,
 413 too large, 415 media type, 503 broker).
 
-Order of checks: method, token (401), size (413, before reading a large body),
-body and channel (400), the token's scope (403), then the broker (503).
+Owns the order of checks: method, token (401, auth.py), size (413, before
+reading a large body), body and channel (400), the token's scope (403,
+auth.py), the event itself (400/413, publishing.py), then the broker (503). The
+channel is checked once, here, and the rest of the event once, in
+``api.apublish_checked``.
+
+Must not: depend on the stream (``/events/``): the two endpoints share only
+http.py's plumbing and auth.py's rules.
 """
 
 from __future__ import annotations
@@ -18,23 +24,18 @@ import logging
 from typing import Any
 from urllib.parse import parse_qs
 
-from . import channels, conf, tokens
-from .api import apublish
+from . import auth, conf
+from .api import apublish_checked
 from .brokers import BrokerUnavailable
+from .http import Receive, Refusal, Request, Scope, Send, refuse, send_json
 from .hub import ensure_hub
-from .publishing import MISSING, PublishError
-from .stream import Receive, Refusal, Scope, Send, bearer_token, send_json
+from .publishing import MISSING, PublishError, checked_channel
 
 log = logging.getLogger(__name__)
 
 # Room for JSON escaping (a control character becomes six bytes) and the other fields.
 BODY_OVERHEAD_FACTOR = 7
 BODY_OVERHEAD_BYTES = 65536
-UNAUTHORISED = [(b"www-authenticate", b'Bearer realm="ssehub"')]
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
@@ -82,31 +83,20 @@ async def publish_app(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         if scope["method"] != "POST":
             raise Refusal(405, "use POST", [(b"allow", b"POST")])
-        headers = _headers(scope)
-        token = bearer_token(headers.get("authorization"), None, None)
-        if token is None:
-            raise Refusal(401, "a publisher token is required: Authorization: Bearer TOKEN",
-                          UNAUTHORISED)
-        try:
-            grant = tokens.verify(config.token_secret, token)
-        except tokens.TokenError as exc:
-            raise Refusal(401, str(exc), UNAUTHORISED) from None
+        request = Request(scope)
+        grant = auth.publisher(request.header_token(), config)
         limit = config.max_event_bytes * BODY_OVERHEAD_FACTOR + BODY_OVERHEAD_BYTES
-        declared = headers.get("content-length", "0")
+        declared = request.headers.get("content-length", "0")
         if declared.isdigit() and int(declared) > limit:
             raise PublishError(f"body is {declared} bytes, far above SSEHUB_MAX_EVENT_BYTES", 413)
-        body = _parse(headers.get("content-type", ""), await _read_body(receive, limit))
-        try:
-            channel = channels.validate(body.get("channel"))
-        except channels.InvalidChannel as exc:
-            raise PublishError(str(exc)) from None
-        if not grant.may_publish(channel):
-            raise Refusal(403, f"token does not allow publishing to {channel}")
+        body = _parse(request.headers.get("content-type", ""), await _read_body(receive, limit))
+        channel = checked_channel(body.get("channel"))
+        auth.authorise_publish(grant, channel)
         await ensure_hub()
-        event_id = await apublish(channel, body.get("data", MISSING), body.get("event"),
-                                  idempotency_key=headers.get("idempotency-key"))
+        event_id = await apublish_checked(channel, body.get("data", MISSING), body.get("event"),
+                                          idempotency_key=request.headers.get("idempotency-key"))
     except Refusal as refusal:
-        await send_json(send, refusal.status, {"error": refusal.reason}, refusal.headers)
+        await refuse(send, refusal)
         return
     except PublishError as exc:
         await send_json(send, exc.status, {"error": str(exc)})

@@ -1,22 +1,29 @@
-"""What a publish must satisfy, shared by the HTTP API and the Python API."""
+"""What a publish must satisfy, shared by the HTTP API (ingest.py) and the Python
+API (api.py): the channel, the event name, the data and its size, the
+Idempotency-Key. Each is checked once per publish, the channel included
+(``checked_channel`` first, then ``prepare`` on the name it returned). A
+value that is not a string becomes data as ``sse.data_text`` encodes it.
+
+Must not: authorise (auth.py), talk to a broker (api.py) or frame an event
+(sse.py, once the broker stored it and gave it its id).
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from . import channels
+from . import channels, sse
 
 MAX_EVENT_NAME = 64
 MISSING: Any = object()  # no "data" field at all (JSON null is a value: data "null")
 MAX_IDEMPOTENCY_KEY = 200
 FRAMED_LINE_BYTES = len("data: ")  # what each line break of data adds to the frame
-# Event names the hub sends itself and clients act on: "reset" (stream.py, a
+# Event names the hub sends itself and clients act on: sse.RESET (replay.py, a
 # Last-Event-ID it cannot replay; hub.py, a lost history). A publisher may not forge them.
 # Nor EventSource's own: a published "event: error" fires the page's onerror (its
 # reconnect UI), "open" its onopen, as if the connection had failed or opened.
-RESERVED_EVENTS = frozenset({"reset", "error", "open"})
+RESERVED_EVENTS = frozenset({sse.RESET, "error", "open"})
 
 
 class PublishError(ValueError):
@@ -35,13 +42,18 @@ class Publication:
     idempotency_key: str | None
 
 
-def prepare(channel: Any, data: Any, event: Any = None, idempotency_key: Any = None, *,
-            max_bytes: int) -> Publication:
-    """Validate and normalise one event; raise PublishError with a reason."""
+def checked_channel(name: Any) -> str:
+    """The channel a publish names, or PublishError (400)."""
     try:
-        channels.validate(channel)
+        return channels.validate(name)
     except channels.InvalidChannel as exc:
         raise PublishError(str(exc)) from None
+
+
+def prepare(channel: str, data: Any, event: Any = None, idempotency_key: Any = None, *,
+            max_bytes: int) -> Publication:
+    """Validate and normalise one event on ``channel``, a name ``checked_channel`` returned;
+    raise PublishError with a reason."""
     if event == "":
         event = None  # `curl -d event=`: no name, so clients see the default "message"
     if event is not None:
@@ -61,7 +73,7 @@ def prepare(channel: Any, data: Any, event: Any = None, idempotency_key: Any = N
         raise PublishError("data is required (a string or any JSON value)")
     if not isinstance(data, str):  # JSON null included: data "null"
         try:
-            data = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            data = sse.data_text(data)
         except (TypeError, ValueError) as exc:
             raise PublishError(f"data is not JSON-serialisable: {exc}") from None
         except RecursionError:

@@ -1,8 +1,15 @@
-"""SSE wire format: events, frames and the few fixed byte strings.
+"""SSE wire format: events, frames, the stream's headers and the fixed byte strings.
+
+The one place the bytes of a stream are decided, for ``/events/`` (stream.py)
+and ``@sse_stream`` views (decorators.py) alike: the headers, the preamble, how
+an event and its data are framed, heartbeats, the drain comment and
+``event: reset``.
+
+Must not: run per subscriber (a frame is built once per event per process and
+shared, as ``bytes``, by every subscriber), do I/O, or import another module of
+the hub (the brokers build events with it).
 
 Design choices:
-- A frame is built once per event per process and shared, as ``bytes``, by
-  every subscriber; nothing here runs per subscriber.
 - Data lines are split on CRLF, CR and LF and joined with LF only (I6): an SSE
   parser treats all three as line ends, so CR cannot travel inside ``data``
   (send JSON to carry it; JSON escapes it). Other characters, U+2028 included,
@@ -12,14 +19,30 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 HEARTBEAT = b":\n\n"
 DRAINING = b": draining, reconnect\n\n"
+# The event name of the hub's own resets (a Last-Event-ID it cannot replay, a lost
+# history): clients resync on it, so publishers may not send it (publishing.py).
+RESET = "reset"
+
+# Headers of every stream, as Django names them (``@sse_stream``). Never
+# ``Connection``, ``Content-Length`` or ``Content-Encoding`` (D4, A6);
+# ``Cache-Control: no-cache`` (A7) and ``X-Accel-Buffering: no`` (A1).
+STREAM_HEADERS = (
+    ("Content-Type", "text/event-stream"),
+    ("Cache-Control", "no-cache"),
+    ("X-Accel-Buffering", "no"),
+)
+# The same as an ASGI ``http.response.start`` sends them (``/events/``).
+ASGI_STREAM_HEADERS = [(name.lower().encode(), value.encode()) for name, value in STREAM_HEADERS]
 
 
 @dataclass(slots=True)
@@ -37,6 +60,18 @@ class Event:
     def __post_init__(self) -> None:
         self.frame = encode(self.data, self.event, self.id)
         self.chunk = chunked(self.frame)
+
+
+def data_text(value: Any) -> str:
+    """An event's data: a string as it is, any other value as compact JSON.
+
+    One encoding for the publish API (publishing.py) and ``@sse_stream`` yields:
+    UTF-8 kept as it is, no spaces, and only JSON (NaN and infinities raise
+    ValueError, as an unserialisable value raises TypeError).
+    """
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def chunked(frame: bytes) -> bytes:
@@ -62,6 +97,11 @@ def encode(data: str, event: str | None = None, event_id: int | str | None = Non
         head += f"event: {event}\n"
     body = "data: " + "\ndata: ".join(_LINE_BREAK.split(data))
     return f"{head}{body}\n\n".encode()
+
+
+def reset(fields: dict[str, Any], event_id: int | None) -> bytes:
+    """``event: reset`` with ``fields`` as its JSON data and the id to resume from."""
+    return encode(json.dumps(fields), RESET, event_id)
 
 
 def preamble(retry_ms: int, last_id: int | None = None) -> bytes:

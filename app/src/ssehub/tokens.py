@@ -9,6 +9,11 @@ Any JWT library can mint them, so users' own backends need not install ssehub::
 Only HS256 is accepted (never ``none``), ``exp`` is required, and a token is
 checked once per request, never per event.
 
+Owns the token's format: minting (the CLI, the chat demo, users' tests) and
+verifying a token into a ``Grant``. Must not: answer HTTP or decide who may
+publish or subscribe: auth.py is the one caller of ``verify`` and turns its
+``TokenError`` into a 401.
+
 What is accepted, so tokens from other JWT libraries work (docs/http-contract.md, "The HTTP
 contract"): ``exp`` must be an integer (a JSON number without fraction or
 exponent) from 1 to MAX_EXP; a string or ``1e300`` is refused, and a value no

@@ -1,3 +1,8 @@
+"""Django's routes: health, readiness, metrics and, with ``SSEHUB_DEMO`` on, the chat demo.
+
+Must not: route ``/events/`` or ``/publish/`` (asgi.py serves them before Django).
+"""
+
 from django.urls import path
 
 from . import conf, views

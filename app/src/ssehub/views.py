@@ -7,6 +7,10 @@ room, so a flood costs bounded storage.
 
 ``/events/`` and ``/publish/`` are served on the thin ASGI path (stream.py,
 ingest.py); ``asgi.py`` routes them before Django.
+
+Must not: serve or authorise streams and publishes (the demo only mints a
+subscriber token and sets it in the cookie http.py reads), nor block the event
+loop in an async view (the database check runs in a thread).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from django.views.decorators.http import require_GET, require_POST
 
 from . import conf, metrics, ratelimit, tokens
 from .brokers import BrokerUnavailable
+from .http import COOKIE_NAME
 from .hub import ensure_hub
 from .models import Message
-from .stream import COOKIE_NAME
 
 log = logging.getLogger(__name__)
 

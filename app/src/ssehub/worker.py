@@ -19,7 +19,7 @@ from . import conf
 
 log = logging.getLogger(__name__)
 
-# The protocol whose response cycle stream.direct_cycle writes to.
+# The protocol whose response cycle subscriber.direct_cycle writes to.
 DIRECT_PROTOCOL_MODULE = "uvicorn.protocols.http.httptools_impl"
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 import testinfra
 import yaml
+from ssekit_testing import sse, tokens
+from ssekit_testing.roles import role_defaults
 
 ROOT = Path(__file__).resolve().parents[3]
 GROUP_VARS = ROOT / "inventories" / "single-host" / "group_vars" / "all"
@@ -56,8 +57,7 @@ def setting(name: str) -> Any:
             value = data[name]
             break
     else:
-        role = name.split("_", 1)[0]
-        value = _load_yaml(ROOT / "roles" / role / "defaults" / "main.yml")[name]
+        value = role_defaults(name.split("_", 1)[0], with_vars=False)[name]
     alias = re.fullmatch(r"\{\{\s*(\w+)\s*\}\}", value) if isinstance(value, str) else None
     return setting(alias.group(1)) if alias else value
 
@@ -211,11 +211,9 @@ PUBLIC_HOST: str = setting("ssekit_public_hostname")
 def token(
     publish: list[str] | None = None, subscribe: list[str] | None = None, ttl: int = 600
 ) -> str:
-    claims = {
-        "exp": int(time.time()) + ttl,
-        "ssehub": {"publish": publish or [], "subscribe": subscribe or []},
-    }
-    return jwt.encode(claims, secret("ssehub_token_secret"), algorithm="HS256")
+    """A token signed with the secret the deploy generated."""
+    return tokens.mint(secret("ssehub_token_secret"), publish=publish or [],
+                       subscribe=subscribe or [], ttl=ttl)
 
 
 def client(**kwargs: Any) -> httpx.Client:
@@ -236,7 +234,7 @@ def ext() -> dict[str, Any]:
 def publish(channel: str, data: str, event: str = "message", idempotent: bool = True) -> str:
     """Publish like a careful client: with a unique Idempotency-Key, so that a
     retried request cannot store the event twice."""
-    headers = {"Authorization": f"Bearer {token(publish=[channel])}"}
+    headers = tokens.bearer(token(publish=[channel]))
     if idempotent:
         headers["Idempotency-Key"] = uuid.uuid4().hex
     with client() as c:
@@ -248,12 +246,6 @@ def publish(channel: str, data: str, event: str = "message", idempotent: bool = 
         )
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
-
-
-def sse_field(line: str) -> tuple[str, str]:
-    """A stream line's field name and value (one leading space dropped)."""
-    key, _, value = line.partition(":")
-    return key, value[1:] if value.startswith(" ") else value
 
 
 @dataclass
@@ -309,7 +301,7 @@ class Stream:
         while not self._stop.is_set() and time.monotonic() < deadline:
             headers = {
                 "Accept": "text/event-stream",
-                "Authorization": f"Bearer {token(subscribe=[self.channel])}",
+                **tokens.bearer(token(subscribe=[self.channel])),
                 **self.extra_headers,
             }
             if self.last_event_id:
@@ -340,33 +332,22 @@ class Stream:
             time.sleep(0.3)
 
     def _read(self, r: httpx.Response) -> None:
-        ev_id, ev_type, data = None, "message", []
+        parser = sse.Parser()  # as a browser: a bare id: sets the Last-Event-ID too
         for line in r.iter_lines():
             if self._stop.is_set():
                 return
             now = time.monotonic()
-            if line == "":
-                # As a browser: a block's id sets the Last-Event-ID even with no data
-                # (the hub's preamble carries a bare id:); only data makes an event.
-                if ev_id is not None:
-                    self.last_event_id = ev_id
-                if data:
-                    self.events.put(Event(ev_id, ev_type, "\n".join(data), now))
-                ev_id, ev_type, data = None, "message", []
-                continue
             if line.startswith(":"):
                 self.comments.append((now, line))
                 self.opened.set()
                 continue
-            key, value = sse_field(line)
-            if key == "data":
-                data.append(value)
-            elif key == "id":
-                ev_id = value
-            elif key == "event":
-                ev_type = value
-            elif key == "retry":
+            event = parser.feed(line)
+            if parser.retry is not None:
                 self.opened.set()
+            if parser.last_event_id is not None:
+                self.last_event_id = parser.last_event_id
+            if event is not None:
+                self.events.put(Event(event.id, event.event, event.data, now))
 
     def next(self, timeout: float = 5.0) -> Event:
         return self.events.get(timeout=timeout)

@@ -49,9 +49,9 @@ from conftest import (
     new_channel,
     secret,
     setting,
-    sse_field,
     token,
 )
+from ssekit_testing import sse
 
 STREAMS = 50
 RATE = 20  # publishes per second
@@ -293,34 +293,24 @@ class Reader:
                     await asyncio.wait_for(stop.wait(), self.retry)
 
     async def _lines(self, r: httpx.Response, stop: asyncio.Event) -> Any:
-        ev_id: str | None = None
-        ev_type, data = "message", []
+        parser = sse.Parser()
         async for line in r.aiter_lines():
             if stop.is_set():
                 return
-            if line == "":
-                if ev_id is not None:
-                    self.last_id = ev_id
-                if data:
-                    text = "\n".join(data)
-                    if ev_type == "reset":
-                        self.resets.append(text)
-                    elif ev_id is not None and ev_id.isdigit():
-                        self.received.append((int(ev_id), text, time.monotonic()))
-                ev_id, ev_type, data = None, "message", []
-                continue
             if line.startswith(":"):
                 yield line
                 continue
-            key, value = sse_field(line)
-            if key == "data":
-                data.append(value)
-            elif key == "id":
-                ev_id = value
-            elif key == "event":
-                ev_type = value
-            elif key == "retry" and value.isdigit():
-                self.retry = int(value) / 1000
+            event = parser.feed(line)
+            if parser.last_event_id is not None:
+                self.last_id = parser.last_event_id
+            if parser.retry is not None:
+                self.retry = parser.retry / 1000
+            if event is None:
+                continue
+            if event.event == "reset":
+                self.resets.append(event.data)
+            elif event.id is not None and event.id.isdigit():
+                self.received.append((int(event.id), event.data, time.monotonic()))
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 One small interface, three implementations chosen by ``SSEHUB_BROKER_URL``:
 ``redis://`` (deployed default), ``postgres://`` (LISTEN/NOTIFY, no extra
-infrastructure) and ``memory://`` (one process, development and tests).
+infrastructure) and ``memory://`` (one process, development and tests). The
+Redis and PostgreSQL brokers' listeners (reconnect, history check, gap fill)
+share one base, ``listener.ListenerBroker``.
 
 Contract every broker keeps (``tests/test_broker_contract.py`` runs the same
 tests against all three):
@@ -35,15 +37,13 @@ tests against all three):
 from __future__ import annotations
 
 import abc
-import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..conf import Config
 from ..sse import Event
 
 EventCallback = Callable[[list[Event]], None]
-log = logging.getLogger(__name__)
 
 ABOVE_EVERY_ID = 2**63
 # A new history's first id: the clock in microseconds. Below 2**53 until 2255,
@@ -55,6 +55,8 @@ ID_BASE_PER_SECOND = 1_000_000
 def new_history_base(now: float) -> int:
     """The epoch of a history started at ``now``: its ids are above it."""
     return int(now * ID_BASE_PER_SECOND)
+
+
 # (channels whose stored history is gone, the id their streams resume from)
 ResetCallback = Callable[[list[str], int], None]
 
@@ -125,12 +127,6 @@ class Broker(abc.ABC):
         self.config = config
         self.on_events: EventCallback = lambda events: None
         self.on_reset: ResetCallback = lambda channels, head: None
-        # A listener's view of the history it delivers from (Redis, PostgreSQL): the
-        # last id seen per listened channel, the highest of channels no longer
-        # listened to, and the store's epoch when last read (None: not read yet).
-        self._last_id: dict[str, int] = {}
-        self._high = 0
-        self._epoch: int | None = None
 
     async def start(self, on_events: EventCallback,
                     on_reset: ResetCallback | None = None) -> None:
@@ -163,40 +159,6 @@ class Broker(abc.ABC):
         Every broker answers an ``after`` above all ids with a reset that carries it,
         before it reads any channel."""
         return (await self.replay([], ABOVE_EVERY_ID)).head
-
-    async def _compare_history(self, seq: int, epoch: int | None,
-                               start_history: Callable[[int], Awaitable[int]]) -> bool:
-        """Compare the store's history (its sequence and epoch as just read) with the
-        one delivered from; True if it was lost.
-
-        A store without a history, or whose sequence is below the ids seen, gets one
-        from ``start_history(highest id seen)`` (a new history above them). On a loss
-        every stream of the listened channels gets ``event: reset`` (``on_reset``),
-        and the gap fill starts where the store's history now begins.
-        """
-        high = max(self._high, *self._last_id.values(), 0)
-        known = self._epoch
-        if epoch is None or seq < high:
-            epoch = await start_history(high)
-            # Events stored after the sequence went back are new: deliver them.
-            start = dict.fromkeys(self._last_id, seq)
-            lost = known is not None or seq < high
-            reason = f"the store's sequence went back from {high} to {seq}"
-        else:
-            # Ids of another history start above its epoch; what was delivered live
-            # of it already (a check while connected) is not sent again.
-            start = {c: max(epoch, i) for c, i in self._last_id.items()}
-            lost = known is not None and epoch != known
-            reason = f"the store holds another history (epoch {known} is now {epoch})"
-        self._epoch = epoch
-        if not lost:
-            return False
-        log.warning("%s: stored history lost: %s; streams of %d channels get a reset",
-                    type(self).__name__, reason, len(self._last_id))
-        self._high = 0
-        self._last_id.update(start)
-        self.on_reset(sorted(self._last_id), epoch)
-        return True
 
     @property
     def listener_up(self) -> bool:

@@ -24,6 +24,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from ..channels import scoped_key
+from ..conf import Config
 from ..sse import Event
 from . import Broker, Page, Published, Replay, new_history_base
 
@@ -35,7 +36,7 @@ EXPIRE_PER_CALL = 1000
 
 
 class MemoryBroker(Broker):
-    def __init__(self, url: str, config) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, url: str, config: Config) -> None:
         super().__init__(url, config)
         self._start_id = new_history_base(time.time())
         self._head = self._start_id

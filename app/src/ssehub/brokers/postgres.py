@@ -50,13 +50,21 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from ..channels import scoped_key
-from ..conf import postgres_conninfo
+from ..conf import Config, postgres_conninfo
 from ..sse import Event
-from . import ABOVE_EVERY_ID, Broker, BrokerUnavailable, Published, Replay, new_history_base
+from . import (
+    ABOVE_EVERY_ID,
+    BrokerUnavailable,
+    EventCallback,
+    Published,
+    Replay,
+    ResetCallback,
+    new_history_base,
+)
+from .listener import MARKER, ListenerBroker
 
 log = logging.getLogger(__name__)
 
-MARKER = "\x1e"
 LOCK_ID = 0x55E_4B1D  # pg_advisory_xact_lock key for publishes
 POLL_SECONDS = 1.0
 IDLE_CHECK_SECONDS = 5.0
@@ -68,10 +76,6 @@ DEAD_AFTER_SECONDS = 10.0
 TCP_OPTIONS: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10,
                                "keepalives_interval": 5, "keepalives_count": 3,
                                "tcp_user_timeout": 20_000}
-RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
-# How often the listener checks that the store's history is the one it delivered
-# from (one query, not per event).
-HISTORY_CHECK_SECONDS = 5.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ssehub_event (
@@ -150,18 +154,19 @@ CLEAN_UP_SECONDS = 60.0
 CLEAN_UP_BATCH = 10_000
 
 
-class PostgresBroker(Broker):
-    def __init__(self, url: str, config: Any) -> None:
+class PostgresBroker(ListenerBroker[psycopg.AsyncConnection[Any]]):
+    kind = "postgres"
+    task_name = "ssehub-pg-listener"
+    connection_errors = (psycopg.Error, OSError)
+
+    def __init__(self, url: str, config: Config) -> None:
         super().__init__(url, config)
         self.conninfo = postgres_conninfo(url)
         self.listen_conninfo = postgres_conninfo(config.pg_listen_url or url)
         self.pool = AsyncConnectionPool(self.conninfo, min_size=1, max_size=1, open=False,
                                         kwargs={"autocommit": True, **TCP_OPTIONS},
                                         timeout=10)
-        self._channels: set[str] = set()
         self._pending: list[tuple[str, bool, asyncio.Future[None] | None]] = []
-        self._listening = False
-        self._task: asyncio.Task[None] | None = None
         self._schema_ready = False
         self._publishes = 0
         self._next_clean_up = 0.0
@@ -169,16 +174,13 @@ class PostgresBroker(Broker):
         self._wake_channel = f"ssehub_wake_{os.getpid()}_{id(self):x}"
         self._waiting = False
 
-    async def start(self, on_events: Any, on_reset: Any = None) -> None:
-        await super().start(on_events, on_reset)
+    async def start(self, on_events: EventCallback,
+                    on_reset: ResetCallback | None = None) -> None:
         await self.pool.open(wait=False)
-        self._task = asyncio.create_task(self._run(), name="ssehub-pg-listener")
+        await super().start(on_events, on_reset)
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await super().close()
         await self.pool.close()
 
     async def ensure_schema(self) -> None:
@@ -208,26 +210,11 @@ class PostgresBroker(Broker):
                 await conn.execute("SELECT pg_notify(%s, '')", (self._wake_channel,))
 
     # listener
-    async def _run(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                        self.listen_conninfo, autocommit=True, **TCP_OPTIONS) as conn:
-                    attempt = 0
-                    await self._listen_loop(conn)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._listening = False
-                # As in the Redis listener: reconnect on anything, never die silently.
-                if not isinstance(exc, (psycopg.Error, OSError)):
-                    log.exception("postgres listener failed; reconnecting")
-                delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
-                attempt += 1
-                log.warning("postgres listener lost its connection (%s); retrying in %.2fs",
-                            exc, delay)
-                await asyncio.sleep(delay)
+    async def _connect_and_read(self) -> None:
+        async with await psycopg.AsyncConnection.connect(
+                self.listen_conninfo, autocommit=True, **TCP_OPTIONS) as conn:
+            self._was_connected = True
+            await self._listen_loop(conn)
 
     async def _listen_loop(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._ensure_schema_on(conn)
@@ -235,15 +222,13 @@ class PostgresBroker(Broker):
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._wake_channel)))
         for channel in sorted(self._channels):
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        await self._fill_gaps(conn)
-        self._listening = True
+        await self._fill_gaps(conn, sorted(self._channels))
+        self._up = True
         idle_since = time.monotonic()
-        next_check = idle_since + HISTORY_CHECK_SECONDS
+        next_check = self._history_check_due()
         while True:
             if time.monotonic() >= next_check:
-                next_check = time.monotonic() + HISTORY_CHECK_SECONDS
-                if await self._check_history(conn):
-                    await self._fill_gaps(conn)
+                next_check = await self._recheck_history(conn)
             await self._apply_pending(conn)
             batch = []
             self._waiting = True
@@ -303,20 +288,17 @@ class PostgresBroker(Broker):
                 "ON CONFLICT (one) DO UPDATE SET epoch = EXCLUDED.epoch", (epoch,))
             return epoch
 
-    async def _check_history(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """Compare the store's history with the one delivered from; True if it was lost.
-
-        Then every stream of the listened channels gets ``event: reset`` (through
-        ``on_reset``), and the gap fill starts where the store's history now begins.
-        """
+    async def _read_history(self, store: psycopg.AsyncConnection[Any]) -> tuple[int, int | None]:
         try:
-            seq, epoch = await self._head(conn)
+            return await self._head(store)
         except psycopg.errors.UndefinedTable:  # the tables were dropped: a new store
             self._schema_ready = False
-            await self._ensure_schema_on(conn)
-            seq, epoch = await self._head(conn)
-        return await self._compare_history(
-            seq, epoch, lambda high: self._start_history(conn, high))
+            await self._ensure_schema_on(store)
+            return await self._head(store)
+
+    async def _read_after(self, store: psycopg.AsyncConnection[Any], channel: str,
+                          after: int) -> list[Event]:
+        return await self._range(store, [channel], after)
 
     async def _apply_pending(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while self._pending:
@@ -335,8 +317,7 @@ class PostgresBroker(Broker):
                     waiter.set_result(None)
             elif channel in self._channels:
                 await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
-                self._channels.discard(channel)
-                self._high = max(self._high, self._last_id.pop(channel, 0))
+                self._forget(channel)
 
     async def _deliver(self, conn: psycopg.AsyncConnection[Any], batch: list[Any]) -> None:
         ids: list[int] = []
@@ -355,25 +336,8 @@ class PostgresBroker(Broker):
             cur = await conn.execute(
                 "SELECT id, channel, event, data, published_at FROM ssehub_event "
                 "WHERE id = ANY(%s) ORDER BY id", (ids,))
-            self._emit([Event(r[1], r[3], r[2], int(r[0]), float(r[4]))
-                        for r in await cur.fetchall()])
-
-    def _emit(self, events: list[Event]) -> None:
-        fresh = []
-        for event in events:
-            assert event.id is not None
-            if event.id > self._last_id.get(event.channel, 0):
-                self._last_id[event.channel] = event.id
-                fresh.append(event)
-        if fresh:
-            self.on_events(fresh)
-
-    async def _fill_gaps(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        for channel in sorted(self._channels):
-            after = self._last_id.get(channel)
-            if after is None:
-                continue
-            self._emit(await self._range(conn, [channel], after))
+            self._deliver_new([Event(r[1], r[3], r[2], int(r[0]), float(r[4]))
+                               for r in await cur.fetchall()])
 
     # commands
     @staticmethod
@@ -477,10 +441,6 @@ class PostgresBroker(Broker):
                 return Replay(events, head=head, more=more)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             raise self._unavailable(exc) from exc
-
-    @property
-    def listener_up(self) -> bool:
-        return self._listening
 
     def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
         if isinstance(exc, psycopg.errors.UndefinedTable):

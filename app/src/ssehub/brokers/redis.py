@@ -56,30 +56,21 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, NoScriptError, RedisError
 
 from ..channels import scoped_key
+from ..conf import Config
 from ..sse import Event
-from . import (
-    ABOVE_EVERY_ID,
-    Broker,
-    BrokerUnavailable,
-    Page,
-    Published,
-    Replay,
-    new_history_base,
-)
+from . import ABOVE_EVERY_ID, BrokerUnavailable, Page, Published, Replay, new_history_base
+from .listener import MARKER, ListenerBroker
 
 log = logging.getLogger(__name__)
 
-MARKER = "\x1e"
+# MARKER as the listener reads it: a message's first byte.
+MARKER_BYTE = MARKER.encode()
 IDLE_PING_SECONDS = 5.0
 DEAD_AFTER_SECONDS = 12.0
 # A command connection that stops answering (a dropped route, a stuck Redis) fails
 # the publish with 503 after this long instead of holding it (G3).
 COMMAND_TIMEOUT_SECONDS = 5.0
-RECONNECT_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 MAX_BATCH = 256
-# How often a connected listener checks that the store's history is still the
-# one it delivered from (one round trip, not per event).
-HISTORY_CHECK_SECONDS = 5.0
 # The publish script records which ids were issued by when this many times a
 # retention (at most once a millisecond): replay's view of an expired stream is
 # exact but for one such step (86 s at the default day).
@@ -168,8 +159,12 @@ def _event_from_entry(channel: str, entry_id: bytes, fields: dict[bytes, bytes])
                  _stream_id(entry_id), float(fields.get(b"t", b"0")))
 
 
-class RedisBroker(Broker):
-    def __init__(self, url: str, config: Any) -> None:
+class RedisBroker(ListenerBroker[aioredis.Redis]):
+    kind = "redis"
+    task_name = "ssehub-redis-listener"
+    connection_errors = (RedisError, OSError, TimeoutError)
+
+    def __init__(self, url: str, config: Config) -> None:
         super().__init__(url, config)
         self.prefix: str = config.redis_prefix
         # RESP2: with redis-py 8.1's default RESP3 a pooled connection that Redis
@@ -196,12 +191,8 @@ class RedisBroker(Broker):
         self._script_ready = False
         self._queue: list[Queued] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._channels: set[str] = set()
         self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
         self._pubsub: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
-        self._was_connected = False
 
     # keys
     def _stream_key(self, channel: str) -> str:
@@ -233,20 +224,13 @@ class RedisBroker(Broker):
     def _clock_key(self) -> str:  # the ticks: Redis's time -> the ids issued before it
         return f"{self.prefix}clock"
 
-    async def start(self, on_events: Any, on_reset: Any = None) -> None:
-        await super().start(on_events, on_reset)
-        self._task = asyncio.create_task(self._run(), name="ssehub-redis-listener")
-
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        await self._close_pubsub()
+        await super().close()
+        await self._disconnect()
         await self._listener_client.aclose()
         await self.redis.aclose(close_connection_pool=True)
 
-    async def _close_pubsub(self) -> None:
+    async def _disconnect(self) -> None:
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
@@ -264,7 +248,7 @@ class RedisBroker(Broker):
         self._channels.add(channel)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._confirm.setdefault(channel, deque()).append(waiter)
-        if self._pubsub is not None and self._connected.is_set():
+        if self._pubsub is not None and self._up:
             try:
                 await self._pubsub.subscribe(self._pubsub_channel(channel))
             except (RedisError, OSError):
@@ -272,58 +256,31 @@ class RedisBroker(Broker):
         await waiter
 
     async def unlisten(self, channel: str) -> None:
-        self._channels.discard(channel)
-        self._high = max(self._high, self._last_id.pop(channel, 0))
-        if self._pubsub is not None and self._connected.is_set():
+        self._forget(channel)
+        if self._pubsub is not None and self._up:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.unsubscribe(self._pubsub_channel(channel))
 
     # listener
-    async def _run(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self._connect_and_read()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Connection trouble, or a bug on the delivery path: either way the
-                # listener must not die (every stream of the worker would go silent
-                # while /readyz says 200). Reconnect; the gap fill redelivers.
-                if not isinstance(exc, (RedisError, OSError, TimeoutError)):
-                    log.exception("redis listener failed; reconnecting")
-                self._connected.clear()
-                await self._close_pubsub()
-                if self._was_connected:  # a new loss: the backoff starts again
-                    attempt, self._was_connected = 0, False
-                delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
-                attempt += 1
-                log.warning("redis listener lost its connection (%s); retrying in %.2fs",
-                            exc, delay)
-                await asyncio.sleep(delay)
-
     async def _connect_and_read(self) -> None:
         pubsub = self._listener_client.pubsub()
         self._pubsub = pubsub
         await pubsub.connect()  # type: ignore[no-untyped-call]
         # Before subscribing: a lost history resets the gap fill's starting points.
-        await self._check_history()
+        await self._check_history(self.redis)
         wanted = sorted(self._channels)
         await pubsub.subscribe(self._own_channel, *(self._pubsub_channel(c) for c in wanted))
-        self._connected.set()
-        self._was_connected = True
+        self._up = self._was_connected = True
         late = sorted(self._channels.difference(wanted))  # listen() ran meanwhile
         if late:
             await pubsub.subscribe(*(self._pubsub_channel(c) for c in late))
-        await self._fill_gaps(wanted)
+        await self._fill_gaps(self.redis, wanted)
         last_seen = time.monotonic()
-        next_check = last_seen + HISTORY_CHECK_SECONDS
+        next_check = self._history_check_due()
         pinged = False
         while True:
             if time.monotonic() >= next_check:
-                next_check = time.monotonic() + HISTORY_CHECK_SECONDS
-                if await self._check_history():
-                    await self._fill_gaps(sorted(self._channels))
+                next_check = await self._recheck_history(self.redis)
             message = await pubsub.get_message(timeout=IDLE_PING_SECONDS)
             now = time.monotonic()
             if message is None:
@@ -352,7 +309,7 @@ class RedisBroker(Broker):
         if kind == "message":
             channel = message["channel"].decode()[len(self.prefix):]
             payload: bytes = message["data"]
-            if payload[:1] == b"\x1e":
+            if payload[:1] == MARKER_BYTE:
                 try:
                     head, event, published, data = payload[1:].split(b"\n", 3)
                     event_id, stamp = int(head), float(published)
@@ -377,42 +334,20 @@ class RedisBroker(Broker):
                 del self._confirm[channel]
         return None
 
-    async def _check_history(self) -> bool:
-        """Compare the store's history with the one delivered from; True if it was lost.
-
-        Then every stream of the listened channels gets ``event: reset`` (through
-        ``on_reset``), and the gap fill starts where the store's history now begins.
-        The first check makes sure the store has a history (HISTORY_SCRIPT), so a
-        later wipe is always told apart from a store that never had one.
-        """
-        async with self.redis.pipeline(transaction=False) as pipe:
+    async def _read_history(self, store: aioredis.Redis) -> tuple[int, int | None]:
+        async with store.pipeline(transaction=False) as pipe:
             pipe.get(self._epoch_key)
             pipe.get(self._seq_key)
             raw_epoch, raw_seq = await pipe.execute()
-        epoch = None if raw_epoch is None else int(raw_epoch)
-        seq = int(raw_seq or 0)
+        return int(raw_seq or 0), None if raw_epoch is None else int(raw_epoch)
 
-        async def start_history(high: int) -> int:
-            return int(await self._history_script(
-                keys=[self._seq_key, self._epoch_key],
-                args=[high, new_history_base(time.time())]))
+    async def _start_history(self, store: aioredis.Redis, high: int) -> int:
+        return int(await self._history_script(
+            keys=[self._seq_key, self._epoch_key],
+            args=[high, new_history_base(time.time())], client=store))
 
-        return await self._compare_history(seq, epoch, start_history)
-
-    async def _fill_gaps(self, channels: Sequence[str]) -> None:
-        """After a (re)connect, deliver what was published while we were away."""
-        for channel in channels:
-            after = self._last_id.get(channel)
-            if after is None:
-                continue
-            fresh = []
-            for event in await self._range(channel, after):
-                assert event.id is not None
-                if event.id > self._last_id.get(channel, 0):
-                    self._last_id[channel] = event.id
-                    fresh.append(event)
-            if fresh:
-                self.on_events(fresh)
+    async def _read_after(self, store: aioredis.Redis, channel: str, after: int) -> list[Event]:
+        return await self._range(channel, after)
 
     # commands
     async def _range(self, channel: str, after: int, end: int | None = None,
@@ -563,10 +498,6 @@ class RedisBroker(Broker):
         ticks: Any = await self.redis.xrange(self._clock_key, str(max(cutoff_ms, 0)), "+",
                                              count=1)
         return int(ticks[0][1][b"s"]) if ticks else head
-
-    @property
-    def listener_up(self) -> bool:
-        return self._connected.is_set()
 
     async def ping(self) -> None:
         try:

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import SECRET
-from servers import Hub, Nginx, free_port
+from ssekit_testing.fixtures import SECRET
+from ssekit_testing.servers import Nginx, ServedHub, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOKS = ROOT / "ansible/playbooks"
@@ -151,7 +151,7 @@ def test_a_failed_run_returns_what_return_documents(doc: dict[str, Any]) -> None
 
 
 def test_a_successful_run_returns_what_return_documents(
-        doc: dict[str, Any], stack: tuple[Hub, Nginx]) -> None:
+        doc: dict[str, Any], stack: tuple[ServedHub, Nginx]) -> None:
     _, nginx = stack
     result = run_module(url=nginx.url, token_secret=SECRET)
     assert not result.get("failed") and result["msg"].startswith("ok: event "), result

@@ -13,15 +13,13 @@ cluster. (The cluster scenarios check the deployed files on the proxy too.)
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
-from servers import render_texts, role_defaults
+from ssekit_testing.roles import ANSIBLE_PLAYBOOK, render_texts, role_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 SNIPPETS = ROOT / "templates"
-PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 UPSTREAMS = ["10.0.0.11:8000", "10.0.0.12:8000"]
 SITE = "sse.example.org"
 # Who may read /readyz and /metrics through the proxy: the default plus a scraper.
@@ -38,8 +36,8 @@ TEMPLATES = {
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    if not PLAYBOOK_BIN.exists():
-        pytest.fail(f"{PLAYBOOK_BIN} is missing: `make venv` installs requirements-deploy.txt")
+    if not ANSIBLE_PLAYBOOK.exists():
+        pytest.fail(f"{ANSIBLE_PLAYBOOK} is missing: `make venv` installs requirements-deploy.txt")
     out = tmp_path_factory.mktemp("rendered")
     variables = {**role_defaults("nginx"), **role_defaults("caddy"),
                  # what the inventory fills in: app hosts, the public name

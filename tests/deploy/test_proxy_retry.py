@@ -29,27 +29,23 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SECRET
-from servers import TEMPLATES, Caddy, Hub, Nginx, free_port, running
-
-from ssehub import tokens
+from ssekit_testing import sse, tokens
+from ssekit_testing.fixtures import SECRET
+from ssekit_testing.servers import (
+    TEMPLATES,
+    Caddy,
+    CaddyOnSocket,
+    Nginx,
+    ServedHub,
+    free_port,
+    running,
+)
 
 # The stream route's retry budget in the Caddy snippet (lb_try_duration 5s): Caddy
 # keeps trying a dead upstream that long before it gives up with an error.
 CADDY_TRY_SECONDS = 5
 # A retry stream is one short, complete answer: its body ends at once.
 BODY_ENDS_WITHIN = 2.0
-
-
-def sse_fields(body: str) -> list[tuple[str, str]]:
-    """The fields of an event stream (comments dropped), as a browser parses them."""
-    fields = []
-    for line in re.split(r"\r\n|\r|\n", body):
-        if not line or line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        fields.append((name, value.removeprefix(" ")))
-    return fields
 
 
 def retry_stream(url: str, **request: Any) -> tuple[int, str, float]:
@@ -66,7 +62,7 @@ def retry_stream(url: str, **request: Any) -> tuple[int, str, float]:
     assert response.headers["content-type"].split(";")[0] == "text/event-stream", response.headers
     assert response.headers.get("cache-control") == "no-cache", response.headers
     assert "content-encoding" not in response.headers
-    fields = sse_fields(body)
+    fields = sse.fields(body)
     # Only a reconnection time: no data (EventSource would dispatch an event) and
     # no id (it would overwrite the Last-Event-ID the browser replays from).
     assert [name for name, _ in fields] == ["retry"], body
@@ -153,19 +149,6 @@ def hub503() -> Iterator[Hub503]:
 
 def missing_socket(tmp_path: Path) -> Path:
     return tmp_path / "no-such-dir" / "ssehub.sock"
-
-
-class CaddyOnSocket(Caddy):
-    """Caddy on an app host: its upstream is the hub's Unix socket, as the caddy
-    role renders it (``unix//path``)."""
-
-    def __init__(self, directory: Path, socket: Path) -> None:
-        super().__init__(directory, [0])
-        self.socket = socket
-
-    def config(self) -> str:
-        return super().config().replace("reverse_proxy 127.0.0.1:0",
-                                        f"reverse_proxy unix/{self.socket}")
 
 
 @pytest.fixture(params=["nginx-tcp", "nginx-unix", "caddy-tcp", "caddy-unix"])
@@ -269,7 +252,7 @@ def test_nginx_stream_limit_answers_a_longer_retry_stream_not_a_429(
         SECRET, subscribe=["other.*"], ttl=600)}, 403),
 ], ids=["400-no-channel", "401-no-token", "401-bad-token", "403-other-channel"])
 def test_hub_refusals_reach_the_client_as_the_hub_sent_them(
-        proxy: Nginx | Caddy, stack: tuple[Hub, Nginx], query: str,
+        proxy: Nginx | Caddy, stack: tuple[ServedHub, Nginx], query: str,
         headers: dict[str, str], status: int) -> None:
     """A refusal is final: status, JSON body and WWW-Authenticate pass the proxy
     unchanged (intercepting only the transient codes must not touch them)."""

@@ -35,14 +35,12 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import (
-    REPO,
+from ssekit_testing.roles import REPO, render_texts, role_defaults
+from ssekit_testing.servers import (
     TEMPLATES,
     Caddy,
     Nginx,
     free_port,
-    render_texts,
-    role_defaults,
     running,
     self_signed_certificate,
     start_embedded,

@@ -1,4 +1,5 @@
-"""Real servers for the tests: Redis, PostgreSQL, nginx, Caddy and the hub under gunicorn.
+"""Real servers for the tests: Redis, PostgreSQL, nginx, Caddy and the hub under
+gunicorn (``ServedHub``).
 
 Each runs from Debian's packages on a free loopback port in a temporary
 directory, and is stopped by the PID we started. PostgreSQL refuses to run as
@@ -24,7 +25,8 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
+from .roles import REPO, render_with_ansible, role_defaults
+
 TEMPLATES = REPO / "templates"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -123,52 +125,6 @@ class DeployedRedis(Redis):
         return subprocess.run(["redis-cli", "-p", str(self.port), "--no-auth-warning",
                                "--user", self.admin_user, "--pass", self.ADMIN_PASSWORD, *args],
                               check=True, capture_output=True, text=True).stdout.strip()
-
-
-def role_defaults(role: str) -> dict[str, Any]:
-    """A role's defaults and vars, as the role sees them before the inventory."""
-    import yaml
-
-    values: dict[str, Any] = {}
-    for name in ("defaults", "vars"):
-        path = REPO / "roles" / role / name / "main.yml"
-        if path.exists():
-            values.update(yaml.safe_load(path.read_text()) or {})
-    return values
-
-
-def render_with_ansible(out: Path, variables: dict[str, Any], templates: dict[str, Path],
-                        mode: str = "0644") -> subprocess.CompletedProcess[str]:
-    """Render role templates (name in ``out``: source) with ansible-playbook, as the
-    roles do, from ``variables`` alone: no inventory, no ansible.cfg of the repo's."""
-    import yaml
-
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = [{"name": f"Render {name}",
-              "ansible.builtin.template": {"src": str(src), "dest": str(out / name),
-                                           "mode": mode}}
-             for name, src in templates.items()]
-    playbook = out / "render.yml"
-    playbook.write_text(yaml.safe_dump([{"hosts": "localhost", "connection": "local",
-                                         "gather_facts": False,
-                                         "vars": {**variables,
-                                                  "ansible_python_interpreter": sys.executable},
-                                         "tasks": tasks}]))
-    (out / "ansible.cfg").write_text("[defaults]\n")  # not the repo's or the user's
-    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
-           "ANSIBLE_CONFIG": str(out / "ansible.cfg")}
-    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
-                           "localhost,", str(playbook)], cwd=out, env=env, capture_output=True,
-                          text=True, timeout=120)
-
-
-def render_texts(out: Path, variables: dict[str, Any],
-                 templates: dict[str, Path]) -> dict[str, str]:
-    """render_with_ansible, then each rendered file's text by its name."""
-    run = render_with_ansible(out, variables, templates)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    return {name: (out / name).read_text() for name in templates}
 
 
 def render_redis_role(out: Path) -> Path:
@@ -407,6 +363,19 @@ class Caddy:
             stop(self.process)
 
 
+class CaddyOnSocket(Caddy):
+    """Caddy on an app host: its upstream is the hub's Unix socket, as the caddy
+    role renders it (``unix//path``)."""
+
+    def __init__(self, directory: Path, socket: Path) -> None:
+        super().__init__(directory, [0])
+        self.socket = socket
+
+    def config(self) -> str:
+        return super().config().replace("reverse_proxy 127.0.0.1:0",
+                                        f"reverse_proxy unix/{self.socket}")
+
+
 def self_signed_certificate(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
     """A certificate for ``host`` (an IP address) and its key, as PEM files."""
     import datetime
@@ -435,8 +404,9 @@ def self_signed_certificate(directory: Path, host: str = "127.0.0.1") -> tuple[P
     return cert_path, key_path
 
 
-class Hub:
-    """``ssehub serve`` (gunicorn + uvicorn workers) as users run it."""
+class ServedHub:
+    """``ssehub serve`` (gunicorn + uvicorn workers) as users run it (not
+    ``ssehub.hub.Hub``, the in-process object a served hub's workers each hold)."""
 
     def __init__(self, directory: Path, env: dict[str, str], workers: int = 1,
                  unix_socket: bool = False, tcp_too: bool = False) -> None:

@@ -15,17 +15,16 @@ import asyncio
 import time
 
 import httpx
-from conftest import SECRET
-from servers import Hub, Nginx
-
-from ssehub import tokens
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET
+from ssekit_testing.servers import Nginx, ServedHub
 
 RATE = 100  # publishes per second, from one address
 SECONDS = 6  # past the old burst: 200 + 50/s x 6 s = 500 of 600 allowed
 
 
 async def test_a_backend_publishing_100_a_second_is_not_throttled(
-        stack: tuple[Hub, Nginx]) -> None:
+        stack: tuple[ServedHub, Nginx]) -> None:
     _, nginx = stack
     channel = "limit.backend"
     headers = {"Authorization": f"Bearer {tokens.mint(SECRET, publish=[channel])}"}

@@ -24,13 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SECRET, base_env
-from servers import TEMPLATES, Hub, Nginx, Redis, free_port, running, stop, wait_for
-
-from ssehub import tokens
 from ssehub.probe import probe
+from ssekit_testing import tokens
+from ssekit_testing.fixtures import SECRET, base_env
+from ssekit_testing.roles import ANSIBLE_PLAYBOOK
+from ssekit_testing.servers import (
+    TEMPLATES,
+    Nginx,
+    Redis,
+    ServedHub,
+    free_port,
+    running,
+)
 
-TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"], ttl=600)
+# Minted at collection: the default hour outlasts a slow suite.
+TOKEN = tokens.mint(SECRET, publish=["smoke.*"], subscribe=["smoke.*"])
 
 
 def test_smoke_passes_through_nginx_and_reports_latency(stack) -> None:  # type: ignore[no-untyped-def]
@@ -52,9 +60,8 @@ def test_smoke_command_prints_one_ok_line(stack) -> None:  # type: ignore[no-unt
 def run_smoke_playbook(url: str, *extra: str,
                        callback: str = "default") -> subprocess.CompletedProcess[str]:
     root = Path(__file__).resolve().parents[2]
-    playbook = Path(sys.executable).parent / "ansible-playbook"
     return subprocess.run(
-        [str(playbook), "-i", "localhost,", "ansible/playbooks/smoke.yml",
+        [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", "ansible/playbooks/smoke.yml",
          "-e", f"ssehub_smoke_url={url}", "-e", f"ssehub_token_secret={SECRET}", *extra],
         cwd=root, capture_output=True, text=True, timeout=120,
         env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_STDOUT_CALLBACK": callback})
@@ -80,34 +87,34 @@ class Broken:
 
 # A breakage sets up one failure with real servers (stack: the session's hub and
 # nginx; a fresh directory) and tears it down once all three doors have met it.
-Breakage = Callable[[tuple[Hub, Nginx], Path], AbstractContextManager[Broken]]
+Breakage = Callable[[tuple[ServedHub, Nginx], Path], AbstractContextManager[Broken]]
 
 
 @contextmanager
-def unresolvable_name(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def unresolvable_name(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     yield Broken("dns", "http://no-such-host.invalid", "cannot resolve no-such-host.invalid")
 
 
 @contextmanager
-def closed_port(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def closed_port(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     yield Broken("tcp", f"http://127.0.0.1:{free_port()}", "cannot connect to 127.0.0.1:")
 
 
 @contextmanager
-def tls_against_plain_http(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def tls_against_plain_http(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     _, nginx = stack
     yield Broken("tls", f"https://127.0.0.1:{nginx.port}", "TLS handshake with 127.0.0.1:")
 
 
 @contextmanager
-def dead_upstream(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def dead_upstream(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     with running(Nginx(directory, [free_port()])) as nginx:
         # A 200 retry stream, for browsers: the probe still names the hop.
         yield Broken("proxy status", nginx.url, "the proxy reached no app server")
 
 
 @contextmanager
-def server_that_is_not_ssehub(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def server_that_is_not_ssehub(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     (directory / "events").mkdir()
     (directory / "events" / "index.html").write_text("<html>not a stream</html>")
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(directory))  # noqa: E731
@@ -122,7 +129,7 @@ def server_that_is_not_ssehub(stack: tuple[Hub, Nginx], directory: Path) -> Iter
 
 
 @contextmanager
-def compression_on_the_stream(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def compression_on_the_stream(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     """A6: gzip switched on for text/event-stream holds events back."""
     hub, _ = stack
     locations = directory / "gzip.conf"
@@ -133,7 +140,7 @@ def compression_on_the_stream(stack: tuple[Hub, Nginx], directory: Path) -> Iter
 
 
 @contextmanager
-def buffering_proxy(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def buffering_proxy(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     """A proxy that passes headers at once but holds the body until 64 kB (a stand-in
     for a buffering CDN or load balancer; nginx 1.22 flushes each upstream read)."""
     hub, _ = stack
@@ -181,18 +188,19 @@ def buffering_proxy(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broke
 
 
 @contextmanager
-def token_that_may_not_publish(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def token_that_may_not_publish(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     _, nginx = stack
     subscribe_only = tokens.mint(SECRET, subscribe=["smoke.*"], ttl=600)
     yield Broken("publish", nginx.url, "answered 403", token=subscribe_only)
 
 
 @contextmanager
-def lost_delivery(stack: tuple[Hub, Nginx], directory: Path) -> Iterator[Broken]:
+def lost_delivery(stack: tuple[ServedHub, Nginx], directory: Path) -> Iterator[Broken]:
     """Streams go to the shared hub, publishes to a hub on another Redis."""
     hub, _ = stack
     redis = Redis(directory)
-    other = Hub(directory, base_env(SSEHUB_BROKER_URL=redis.url, SSEHUB_DATA_DIR=str(directory)))
+    other = ServedHub(directory, base_env(SSEHUB_BROKER_URL=redis.url,
+                                          SSEHUB_DATA_DIR=str(directory)))
     stream_part, publish_part = (TEMPLATES / "nginx/ssehub-locations.conf").read_text().split(
         "location = /publish/ {", 1)
     locations = directory / "split.conf"
@@ -219,7 +227,7 @@ BREAKAGES: list[Breakage] = [
 
 
 @pytest.fixture(scope="module", params=BREAKAGES, ids=lambda breakage: breakage.__name__)
-def broken(request: pytest.FixtureRequest, stack: tuple[Hub, Nginx],
+def broken(request: pytest.FixtureRequest, stack: tuple[ServedHub, Nginx],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broken]:
     """Module scope: pytest runs the three tests below against one breakage, then the next."""
     with request.param(stack, tmp_path_factory.mktemp("broken")) as case:
@@ -268,54 +276,3 @@ def test_smoke_connect_to_keeps_the_public_name(stack) -> None:  # type: ignore[
     assert closed.hop == "tcp" and "127.0.0.1" in closed.message, closed.line()
     via_playbook = run_smoke_playbook(url, "-e", f"ssehub_smoke_connect_to=127.0.0.1:{nginx.port}")
     assert via_playbook.returncode == 0, via_playbook.stdout[-2000:]
-
-
-def test_hub_on_a_unix_socket_behind_nginx(redis_server: Redis, tmp_path: Path) -> None:
-    """`ssehub serve --bind unix:/path`: a proxy on the same host reaches the hub
-    over a Unix socket (cheaper per event than loopback TCP; README, figures)."""
-    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="uds:",
-                   SSEHUB_DATA_DIR=str(tmp_path))
-    hub = Hub(tmp_path, env, workers=1, unix_socket=True)
-    with running(hub):
-        assert hub.socket is not None and hub.socket.is_socket()
-        with running(Nginx(tmp_path, [hub.bind])) as nginx:
-            result = probe(nginx.url, TOKEN)
-    assert result.ok, result.line()
-    assert hub.socket is not None and not hub.socket.parent.exists()
-
-
-def test_serve_listens_on_every_bind_of_ssehub_bind(redis_server: Redis, tmp_path: Path) -> None:
-    """SSEHUB_BIND with a Unix socket and a loopback port (the single-host role:
-    the proxy on the socket, health checks and metrics on TCP): both answer."""
-    import httpx
-
-    socket_path = tmp_path / "hub.sock"
-    port = free_port()
-    env = base_env(SSEHUB_BROKER_URL=redis_server.url, SSEHUB_DATA_DIR=str(tmp_path),
-                   SSEHUB_BIND=f"unix:{socket_path}, 127.0.0.1:{port}")
-    log = tmp_path / "hub.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "ssehub.cli", "serve", "--workers", "1"],
-                                  env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        def answers(transport: httpx.HTTPTransport | None, url: str) -> bool:
-            try:
-                with httpx.Client(transport=transport) as client:
-                    return client.get(url, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        tcp = f"http://127.0.0.1:{port}/readyz"
-        wait_for(lambda: socket_path.exists() and answers(None, tcp), what=f"hub ({log})")
-        assert answers(httpx.HTTPTransport(uds=str(socket_path)), "http://127.0.0.1/readyz")
-        assert f"unix:{socket_path}, 127.0.0.1:{port}" in log.read_text()
-    finally:
-        stop(server, timeout=30)
-
-
-def test_serve_refuses_a_relative_unix_socket() -> None:
-    bad = subprocess.run([sys.executable, "-m", "ssehub.cli", "serve", "--bind", "unix:hub.sock"],
-                         capture_output=True, text=True, timeout=30,
-                         env={**os.environ,
-                              **base_env(SSEHUB_BROKER_URL="redis://127.0.0.1:1/0")})
-    assert bad.returncode != 0 and "absolute path" in bad.stderr, bad.stderr

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from servers import Caddy
+from ssekit_testing.servers import Caddy
 
 
 def handlers(node: Any) -> list[dict[str, Any]]:
