@@ -75,6 +75,33 @@ async def test_the_chat_demo_is_not_served_unless_enabled(
         hub.stop()
 
 
+async def test_behind_tls_the_csrf_cookie_is_secure_and_posts_go_through(
+        redis_server: Redis, tmp_path: Path) -> None:
+    """Issue 10 (low): the demo's CSRF cookie lacked Secure behind the TLS proxy.
+    With SSEHUB_SECURE_COOKIES (the role sets it), a page served through TLS
+    (the proxy's X-Forwarded-Proto) sets it Secure, and a browser's post over TLS,
+    which sends it back, goes through; the other tests post over plain HTTP without it."""
+    hub = serve(tmp_path, SSEHUB_BROKER_URL=redis_server.url, SSEHUB_REDIS_PREFIX="tls:",
+                SSEHUB_DEMO="true", SSEHUB_SECURE_COOKIES="true")
+    tls = {"X-Forwarded-Proto": "https"}
+    try:
+        async with httpx.AsyncClient(timeout=10) as browser:  # no cookies of other hubs
+            page = await browser.get(f"{hub.url}/", headers=tls)
+            csrf_cookie = next(c for c in page.headers.get_list("set-cookie")
+                               if c.startswith("csrftoken="))
+            assert "; secure" in csrf_cookie.lower(), csrf_cookie
+            value = csrf_cookie.split(";", 1)[0].split("=", 1)[1]
+            form = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+            assert form
+            posted = await browser.post(f"{hub.url}/chat/messages/", data={
+                "csrfmiddlewaretoken": form.group(1), "room": "tls", "author": "a",
+                "text": "over TLS"}, headers={**tls, "Cookie": f"csrftoken={value}",
+                                              "Origin": hub.url.replace("http:", "https:")})
+            assert posted.status_code == 201, posted.text
+    finally:
+        hub.stop()
+
+
 async def test_chat_posts_beyond_the_rate_get_429_with_retry_after(
         demo: Served, client: httpx.AsyncClient) -> None:
     """300 posts went through in 8.5 s, all 201."""

@@ -1,14 +1,15 @@
 """Storage grows with every distinct channel (issue 10, low): a channel quiet for
-longer than the retention holds nothing, on Redis and PostgreSQL.
+longer than the retention holds nothing, on Redis, PostgreSQL and memory.
 
 Before, a channel published once kept its events for ever: Redis stream keys had
 no TTL and PostgreSQL trimmed by age only the channel it published to, so job or
 per-user channels filled Redis's maxmemory (then every publish got 503 under
 noeviction) and the event table. Now the publish script gives the stream the
 retention as its TTL, and PostgreSQL's periodic clean-up deletes what is older
-than the retention in every channel. Replay stays exact: a client that missed an
-event of an expired channel gets a reset, one whose id is within the retention
-does not.
+than the retention in every channel. The memory broker kept every channel for
+the process's life; it now drops quiet ones as it publishes and replays. Replay
+stays exact: a client that missed an event of an expired channel gets a reset,
+one whose id is within the retention does not.
 
 ``SSEHUB_ONE_SHOT_CHANNELS`` (default 2,000) and ``SSEHUB_ONE_SHOT_RETENTION``
 (seconds, default 1) set how many one-shot channels the storage test publishes to
@@ -33,6 +34,7 @@ from ssekit_testing.servers import Postgres, Redis
 
 from ssehub import conf
 from ssehub.brokers import Broker, create
+from ssehub.brokers.memory import MemoryBroker
 from ssehub.hub import Hub
 
 pytestmark = pytest.mark.asyncio
@@ -48,9 +50,18 @@ class Store:
 
     def __init__(self, kind: str, url: str, prefix: str) -> None:
         self.kind, self.url, self.prefix = kind, url, prefix
+        self.memory: list[MemoryBroker] = []  # memory://: the brokers are the store
+
+    def watch(self, *brokers: Broker) -> None:
+        self.memory.extend(b for b in brokers if isinstance(b, MemoryBroker))
 
     def holds(self, channel: str) -> list[str]:
         """Everything stored for ``channel``: events, floors, idempotency keys."""
+        if self.kind == "memory":
+            return sorted([f"events {channel}" for b in self.memory if channel in b._streams]
+                          + [f"floor {channel}" for b in self.memory if channel in b._floors]
+                          + [f"key {k}" for b in self.memory for k in b._idempotency
+                             if k.startswith(f"{channel}/")])
         if self.kind == "redis":
             with redis.Redis.from_url(self.url) as r:
                 return sorted(k.decode() for pattern in (f"s:{channel}", f"idem:{channel}/*")
@@ -65,6 +76,9 @@ class Store:
 
     def size(self) -> dict[str, int]:
         """The store's size, and what it holds of the one-shot channels ("jobs")."""
+        if self.kind == "memory":
+            return {"channels": sum(len(b._streams) for b in self.memory),
+                    "jobs": sum(c.startswith("job.") for b in self.memory for c in b._streams)}
         if self.kind == "redis":
             with redis.Redis.from_url(self.url) as r:
                 info: Any = r.info("memory")
@@ -81,9 +95,11 @@ class Store:
             return {"rows": int(row[0]), "jobs": int(row[1]), "bytes": int(row[2])}
 
 
-@pytest.fixture(params=["redis", "postgres"])
+@pytest.fixture(params=["redis", "postgres", "memory"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Callable[..., Any], Store]]:
-    if request.param == "redis":
+    if request.param == "memory":
+        url = "memory://"
+    elif request.param == "redis":
         server: Redis = request.getfixturevalue("redis_server")
         url = server.url
     else:
@@ -104,6 +120,7 @@ async def test_a_channel_quiet_longer_than_the_retention_holds_nothing(store) ->
     config, stored = store
     hub = Hub(config(SSEHUB_RETENTION_EVENTS="2"))
     await hub.start()
+    stored.watch(hub.broker)
     try:
         await hub.broker.publish("once", "x", idempotency_key="job-1")
         for i in range(3):  # trimmed by count: a floor, a max-deleted-entry-id
@@ -121,6 +138,7 @@ async def test_a_client_behind_an_expired_channel_gets_a_reset(store) -> None:  
     config, stored = store
     hub = Hub(config())
     await hub.start()
+    stored.watch(hub.broker)
     try:
         seen = await hub.broker.publish("gone", "seen")
         await hub.broker.publish("gone", "missed")
@@ -155,7 +173,9 @@ async def test_storage_after_one_shot_channels_goes_back_to_nothing(store) -> No
     config, stored = store
     # Publishers as backends use them: ssehub.publish's brokers, not a hub's listener.
     retention = {"SSEHUB_RETENTION_SECONDS": str(ONE_SHOT_RETENTION)}
-    brokers = [create(config(**retention)) for _ in range(8)]
+    # memory:// is one process's store: one broker.
+    brokers = [create(config(**retention)) for _ in range(1 if stored.kind == "memory" else 8)]
+    stored.watch(*brokers)
     try:
         await brokers[0].publish("tick", "t")  # the tables, on PostgreSQL
         before = stored.size()

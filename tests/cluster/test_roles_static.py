@@ -12,6 +12,8 @@
   and database) follows the one value the inventory sets;
 - every molecule scenario and the Vagrantfile run systemd in a container
   with the same docker flags;
+- the ssehub unit's sandbox: the peers it may exchange packets with, the
+  system calls and memory it may not use, its offline exposure figure;
 - the ssehub role's wheelhouse is the same bytes from a fresh copy of the
   source (this one downloads the lock's wheels from the package index).
 """
@@ -23,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -153,9 +156,12 @@ def test_production_example_marks_what_users_must_set(name: str) -> None:
 # single host is in no molecule scenario).
 LAYOUTS = {
     "single-host": {"sse1": ["proxy", "app", "redis", "postgres"]},
-    "proxy-apart": {"proxy1": ["proxy"], "app1": ["app"], "app2": ["app"]},
+    "proxy-apart": {"proxy1": ["proxy"], "app1": ["app"], "app2": ["app"],
+                    "redis1": ["redis"], "db1": ["postgres"]},
 }
 SOCKET = "/run/ssehub-socket/ssehub.sock"
+UNIT = ROOT / "roles/ssehub/templates/etc/systemd/system/ssehub.service.j2"
+UNIT_LOOKUP = f"{{{{ lookup('ansible.builtin.template', '{UNIT}') }}}}"
 # What a role takes from another's variable (the inventory ties them).
 SHARED = ["common_firewall_app_port", "common_firewall_redis_port",
           "common_firewall_postgresql_port", "ssehub_redis_port", "ssehub_redis_user",
@@ -171,7 +177,8 @@ def _render_layout(tmp_path: Path, hosts: dict[str, list[str]],
                 "address": f"10.0.0.{n + 10}"}
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": groups}}))
     names = ["ssehub_unix_socket", "ssehub_bind_address", "__ssehub_binds",
-             "nginx_upstream_servers", "caddy_upstream_servers", "__common_sysctl", *SHARED]
+             "nginx_upstream_servers", "caddy_upstream_servers", "__common_sysctl",
+             "ssehub_ip_address_allow", "__ssekit_unit", *SHARED]
     # Later files win here: the roles' defaults, then the inventory over them.
     var_files = [str(ROOT / "roles" / role / kind / "main.yml")
                  for role in ("common", "ssehub", "nginx", "caddy")
@@ -181,7 +188,8 @@ def _render_layout(tmp_path: Path, hosts: dict[str, list[str]],
     out = tmp_path / "out"
     content = "{{ {" + ", ".join(f"'{n}': {n}" for n in names) + "} | to_json }}"
     playbook = [{"hosts": "all", "connection": "local", "gather_facts": False,
-                 "vars": {"ansible_python_interpreter": sys.executable},
+                 "vars": {"ansible_python_interpreter": sys.executable,
+                          "__ssekit_unit": UNIT_LOOKUP},
                  "tasks": [
                      {"name": "Load the inventory's and the roles' variables",
                       "ansible.builtin.include_vars": "{{ item }}", "loop": var_files},
@@ -256,6 +264,63 @@ def test_only_a_proxy_apart_from_its_app_hosts_gets_the_proxy_keepalive(tmp_path
     assert apart["app1"]["__common_sysctl"] == common
     single = _render_layout(tmp_path / "single", LAYOUTS["single-host"])
     assert single["sse1"]["__common_sysctl"] == common
+
+
+# The unit's sandbox as `systemd-analyze security --offline` rates it (0 to 10,
+# lower is better); the deployed unit's figure is checked in the cluster tests.
+UNIT_EXPOSURE = 1.3
+
+
+def _unit(rendered: dict[str, dict], name: str) -> list[str]:
+    """The host's rendered ssehub unit, without comments and blank lines."""
+    return [line for line in rendered[name]["__ssekit_unit"].splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def _exposure(tmp_path: Path, unit: list[str]) -> float:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze here")
+    path = tmp_path / "ssehub.service"
+    path.write_text("\n".join(unit) + "\n")
+    run = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    if "--offline" in run.stderr:
+        pytest.skip("this systemd-analyze has no --offline")
+    # "-> Overall exposure level for ssehub.service: 1.2 OK"
+    return float(re.findall(r"exposure level for \S+: ([0-9.]+)", run.stdout)[-1])
+
+
+def test_the_unit_exchanges_packets_only_with_the_hubs_peers(tmp_path: Path) -> None:
+    """IPAddressDeny=any, and allowed: loopback and the private address of every proxy,
+    Redis and PostgreSQL host, from the inventory's groups; not another app host."""
+    rendered = _render_layout(tmp_path, LAYOUTS["proxy-apart"])
+    # app1 .10, app2 .11, db1 .12, proxy1 .13, redis1 .14
+    for app in ("app1", "app2"):
+        assert rendered[app]["ssehub_ip_address_allow"] == [
+            "localhost", "10.0.0.13", "10.0.0.14", "10.0.0.12"]
+        unit = _unit(rendered, app)
+        assert "IPAddressDeny=any" in unit
+        assert "IPAddressAllow=localhost 10.0.0.13 10.0.0.14 10.0.0.12" in unit
+    (tmp_path / "single").mkdir()
+    single = _render_layout(tmp_path / "single", LAYOUTS["single-host"])["sse1"]
+    assert single["ssehub_ip_address_allow"] == ["localhost", "10.0.0.10"]
+
+
+@pytest.mark.parametrize("layout,host,socket", [("proxy-apart", "app1", False),
+                                                ("single-host", "sse1", True)])
+def test_the_unit_denies_what_the_hub_never_calls(tmp_path: Path, layout: str, host: str,
+                                                  socket: bool) -> None:
+    """No writable executable memory, no privileged or resource-setting system
+    calls (but chown where gunicorn binds a Unix socket), private mounts; the
+    offline exposure at or below UNIT_EXPOSURE (it was 1.7 without them)."""
+    unit = _unit(_render_layout(tmp_path, LAYOUTS[layout]), host)
+    for line in ("MemoryDenyWriteExecute=yes", "PrivateMounts=yes",
+                 "SystemCallFilter=@system-service", "SystemCallFilter=~@privileged @resources",
+                 "SystemCallErrorNumber=EPERM"):
+        assert line in unit
+    assert ("SystemCallFilter=@chown" in unit) == socket
+    assert _exposure(tmp_path, unit) <= UNIT_EXPOSURE
 
 
 def _build_wheelhouse(tmp_path: Path, source: Path, umask: int) -> Path:

@@ -253,6 +253,10 @@ class Config:
         "SSEHUB_CSRF_TRUSTED_ORIGINS", "",
         "Django's CSRF_TRUSTED_ORIGINS (`https://example.org`), for the chat demo's form "
         "behind a TLS proxy.", _csv)
+    secure_cookies: bool = _setting(
+        "SSEHUB_SECURE_COOKIES", "false",
+        "Mark the chat demo's CSRF cookie `Secure` (Django's CSRF_COOKIE_SECURE): on behind "
+        "a TLS proxy (the role turns it on); off, the demo works over plain HTTP too.", _bool)
     debug: bool = _setting(
         "SSEHUB_DEBUG", "false", "Django's DEBUG. Never in production.", _bool)
     data_dir: Path = _setting(  # noqa: RUF009 (a dataclasses.Field at runtime, not a default)

@@ -18,6 +18,7 @@ SECRET_KEY = _config.secret_key
 DEBUG = _config.debug
 ALLOWED_HOSTS = list(_config.allowed_hosts)
 CSRF_TRUSTED_ORIGINS = list(_config.csrf_trusted_origins)
+CSRF_COOKIE_SECURE = _config.secure_cookies
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
