@@ -119,3 +119,21 @@ async def test_yields_cannot_forge_fields_and_data_becomes_json(rf) -> None:  # 
                           b'id: 3\ndata: [1,"zwei"]\n\n']
     with pytest.raises(ValueError, match="CR or LF"):
         await consume(response, 1)
+
+
+async def test_yields_are_encoded_as_the_publish_api_encodes_data(rf) -> None:  # type: ignore[no-untyped-def]
+    """One encoding for @sse_stream and POST /publish/ (sse.data_text): UTF-8 kept as
+    it is, and only JSON. The decorator used to send NaN, which no JSON parser reads."""
+    from ssehub import sse, sse_stream
+
+    @sse_stream
+    def view(request):  # type: ignore[no-untyped-def]
+        yield ("profile", {"name": "Zoë"})
+        yield ("score", {"home": float("nan")})
+
+    response = await view(rf.get("/"))
+    chunks = await consume(response, 2, close=False)
+    assert sse.data_text({"name": "Zoë"}) == '{"name":"Zoë"}'
+    assert chunks[1] == 'event: profile\ndata: {"name":"Zoë"}\n\n'.encode()
+    with pytest.raises(ValueError, match="JSON"):
+        await consume(response, 1)
